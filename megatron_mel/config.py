@@ -1,0 +1,636 @@
+"""Typed run configuration: dataclasses <-> YAML, dotted CLI overrides, validation.
+
+The whole run is one tree of ``@dataclass(kw_only=True, slots=True)`` sections. YAML files and
+``--set section.key=value`` overrides are parsed into it by :func:`load_config`, which checks every
+key and type and reports problems as ``file:line: dotted.key: what was expected``. Unknown keys name
+the closest valid ones. Checks that need the model's shape (heads divisible by TP, layers by PP,
+world size = TP x PP x DP) live in :func:`validate_layout`; they read only ``config.json`` so they
+fail before anything heavy is imported.
+
+Defaults follow ../shared/spec/MEL.md (marked "paper" where the paper fixes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file/line or dotted key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    hf_dir: str
+    """Hugging Face model directory (config.json, safetensors, tokenizer). Required."""
+    dtype: DType = "bfloat16"
+    """Parameter and activation dtype of the trainer. CPU recipes use float32."""
+    attention_backend: Literal["auto", "local", "te"] = "auto"
+    """Core attention: "te" (Transformer Engine, GPU), "local" (torch varlen, CPU and GPU), or
+    "auto" (te when CUDA and transformer-engine are present, else local)."""
+    max_seq_len: int = 8192
+    """Longest packed sequence the trainer sees (prompt + response); sizes the RoPE table."""
+    vocab_padding_multiple: int = 1024
+    """Embedding rows are padded to a multiple of this. It must be a multiple of every TP size a
+    checkpoint will be loaded at: 1024 = 128 x 8 keeps checkpoints portable across TP 1/2/4/8."""
+    init_seed: int = 1234
+    """Seed for Megatron's RNG trackers (dropout is off; weights come from hf_dir)."""
+    recompute_activations: bool = False
+    """Full activation recomputation of every transformer layer (saves memory, costs compute)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_seq_len > 0, "model.max_seq_len", "must be positive")
+        _require(
+            self.vocab_padding_multiple > 0 and self.vocab_padding_multiple % 128 == 0,
+            "model.vocab_padding_multiple",
+            "must be a positive multiple of 128 (e.g. 1024)",
+        )
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size: must divide attention heads and KV heads."""
+    pp: int = 1
+    """Pipeline-parallel size: must divide the number of layers."""
+    dp: int | None = None
+    """Data-parallel size; None infers world_size / (tp * pp), otherwise it must match."""
+    vpp: int | None = None
+    """Virtual pipeline stages per rank (interleaved schedule); None disables."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1 and Transformer Engine or Apex norms: GPU)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl with CUDA, gloo without."""
+    timeout_minutes: int = 30
+    """Collective timeout; a dead peer fails the step after this long instead of hanging."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (Megatron distributed optimizer)."""
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp"):
+            _require(getattr(self, key) >= 1, f"parallel.{key}", "must be >= 1")
+        _require(self.dp is None or self.dp >= 1, "parallel.dp", "must be >= 1 or null")
+        _require(self.vpp is None or self.vpp >= 2, "parallel.vpp", "must be >= 2 or null")
+        _require(
+            self.vpp is None or self.pp > 1, "parallel.vpp", "needs parallel.pp > 1 to interleave"
+        )
+        _require(
+            not self.sequence_parallel or self.tp > 1,
+            "parallel.sequence_parallel",
+            "needs parallel.tp > 1",
+        )
+        _require(self.timeout_minutes > 0, "parallel.timeout_minutes", "must be positive")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    train_path: str = ""
+    """Prompt dataset (.jsonl or .parquet). Empty only for commands that do not train."""
+    eval_paths: dict[str, str] = field(default_factory=dict)
+    """Benchmark name -> dataset path, evaluated every trainer.eval_every steps."""
+    id_key: str = "id"
+    """Field holding a stable prompt id."""
+    question_key: str = "question"
+    """Field holding the problem statement."""
+    answer_key: str = "answer"
+    """Field holding the gold answer the verifier compares with."""
+    prompt_template: str = (
+        "{question}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    )
+    """Solver prompt; ``{question}`` is replaced (MEL paper-notes gap 21)."""
+    apply_chat_template: bool = True
+    """Wrap prompts with the tokenizer's chat template as one user turn."""
+    max_prompt_tokens: int = 1024
+    """Prompts longer than this are dropped at load time and counted."""
+    shuffle: bool = True
+    """Shuffle the prompt order every epoch (seeded by launch.seed)."""
+
+    def __post_init__(self) -> None:
+        _require("{question}" in self.prompt_template, "data.prompt_template", "needs {question}")
+        _require(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be positive")
+
+
+@dataclass(kw_only=True, slots=True)
+class SGLangConfig:
+    num_engines: int = 1
+    """Rollout engine replicas (each spans engine_tp GPUs)."""
+    engine_tp: int = 1
+    """Tensor-parallel size inside one SGLang engine."""
+    mem_fraction_static: float = 0.5
+    """GPU memory share SGLang may claim for weights + KV cache (colocated: leave room)."""
+    host: str = "127.0.0.1"
+    """Address engines bind to; loopback unless the cluster launcher says otherwise."""
+    base_port: int = 30000
+    """First HTTP port; engine i listens on base_port + i."""
+    urls: list[str] = field(default_factory=list)
+    """Connect to already-running servers instead of launching them."""
+    request_timeout_s: float = 600.0
+    """A generation request that takes longer fails the phase (it can be retried)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RolloutConfig:
+    engine: Literal["embedded", "sglang", "vllm"] = "embedded"
+    """Generation backend: in-process (CPU/GPU), SGLang, or vLLM."""
+    placement: Literal["colocate", "disaggregate"] = "colocate"
+    """colocate: engines share the training GPUs (memory released/resumed around training);
+    disaggregate: engines on their own GPUs, weights sent over NCCL."""
+    prompts_per_step: int = 128
+    """Prompts per training step (paper: 128)."""
+    samples_per_prompt: int = 8
+    """Group size G (paper: 8)."""
+    temperature: float = 1.0
+    """Rollout sampling temperature (paper: 1.0)."""
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k."""
+    max_new_tokens: int = 4096
+    """Response budget; a response cut by it scores 0."""
+    weight_bucket_mb: int = 512
+    """Flattened-bucket size for weight sync."""
+    verify_weights: bool = False
+    """After each sync, compare engine weights with the trainer's HF export; stop on mismatch."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+        _require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+        _require(self.temperature >= 0, "rollout.temperature", "must be >= 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _require(self.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class ReflectionConfig:
+    max_pairs_per_prompt: int | None = None
+    """Contrastive pairs per mixed group; None = all |Y+| x |Y-| (paper)."""
+    temperature: float = 1.0
+    """Sampling temperature of the meta-experience generation."""
+    max_new_tokens: int = 2048
+    """Meta-experience budget; outputs cut by it are dropped and counted."""
+    replay_temperature: float = 1.0
+    """Sampling temperature of the replay (validation) solve."""
+    replay_max_new_tokens: int | None = None
+    """Replay budget; None = rollout.max_new_tokens."""
+    reject_answer_leaks: bool = False
+    """Drop meta-experiences that contain the gold answer string (logged either way)."""
+    require_heuristics: bool = False
+    """Drop meta-experiences without a heuristics section (logged either way)."""
+    experience_template: str | None = None
+    """Path of a template file overriding the built-in meta-experience prompt."""
+    replay_template: str | None = None
+    """Path of a template file overriding the built-in replay prompt."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.max_pairs_per_prompt is None or self.max_pairs_per_prompt >= 1,
+            "reflection.max_pairs_per_prompt",
+            "must be >= 1 or null (all pairs)",
+        )
+        _require(self.max_new_tokens >= 1, "reflection.max_new_tokens", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class AlgorithmConfig:
+    name: Literal["mel", "grpo", "reinforce_pp", "rft"] = "mel"
+    """Base algorithm; "mel" is GRPO plus the meta-experience term (paper)."""
+    meta_experience: bool | None = None
+    """Add the reflection stage and NLL term; None = on for "mel", off otherwise."""
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] | None = None
+    """Advantage estimator; None picks the one that goes with `name`."""
+    std_normalize: bool = True
+    """GRPO: divide by the group std (+1e-6); False is Dr.GRPO-style."""
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    """Clip range [1 - clip_low, 1 + clip_high]; clip_high > clip_low is clip-higher."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages; None disables."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "seq-mean-token-mean"
+    )
+    """Policy-gradient aggregation (paper Eq. 10: seq-mean-token-mean)."""
+    nll_coef: float = 1.0
+    """Weight of the meta-experience NLL term (paper: 1)."""
+    nll_norm: Literal["per_me", "per_prompt"] = "per_me"
+    """NLL normalisation: mean over kept meta-experiences, or per prompt then over prompts."""
+    kl_coef: float = 0.0
+    """KL-to-reference weight (paper: 0)."""
+    kl_type: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator (k3 = low_var_kl)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (paper: 0)."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)")
+        _require(self.clip_high >= 0, "algorithm.clip_high", "must be >= 0")
+        _require(self.dual_clip is None or self.dual_clip > 1, "algorithm.dual_clip", "must be > 1")
+        _require(self.nll_coef >= 0, "algorithm.nll_coef", "must be >= 0")
+        _require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+
+    @property
+    def uses_meta_experience(self) -> bool:
+        return self.name == "mel" if self.meta_experience is None else self.meta_experience
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Learning rate (paper: 1e-6)."""
+    min_lr: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one packed (THD) micro-batch on one data-parallel rank."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be positive")
+        _require(self.micro_batch_tokens > 0, "optim.micro_batch_tokens", "must be positive")
+        _require(self.clip_grad >= 0, "optim.clip_grad", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    dir: str = ""
+    """Checkpoint directory; empty = <launch.run_dir>/checkpoints."""
+    save_every: int = 10
+    """Save every N steps (and at the end, and before the walltime limit)."""
+    keep_last: int = 2
+    """Older checkpoints are deleted once a newer one is complete."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the newest complete checkpoint in `dir` if there is one."""
+    walltime_minutes: float | None = None
+    """Job walltime (e.g. from Slurm); a checkpoint is written before it runs out."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_every >= 1, "checkpoint.save_every", "must be >= 1")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrackingConfig:
+    backend: Literal["mlflow", "console"] = "mlflow"
+    """mlflow also prints to the console."""
+    experiment: str = "megatron-mel"
+    """MLflow experiment (MLFLOW_EXPERIMENT_NAME wins when set)."""
+    run_name: str = ""
+    """MLflow run name; empty = derived from the recipe and time."""
+    tracking_uri: str = ""
+    """MLflow store; empty = MLFLOW_TRACKING_URI, else sqlite under launch.run_dir."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerConfig:
+    num_steps: int = 136
+    """Training steps (paper: ~1 epoch of DAPO-Math-17k at 128 prompts per step)."""
+    eval_every: int = 10
+    """Evaluate every N steps; 0 disables."""
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.num_steps >= 1, "trainer.num_steps", "must be >= 1")
+        _require(self.eval_every >= 0, "trainer.eval_every", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class LaunchConfig:
+    run_dir: str = "runs/default"
+    """Where checkpoints, meta-experience store, MLflow store and logs go."""
+    seed: int = 42
+    """Seed of data order and sampling."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    """Used by the Slurm launcher to size torchrun; ignored on CPU."""
+    rollout_nodes: int = 0
+    """Nodes reserved for rollout engines when rollout.placement = disaggregate."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, expectation: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {expectation}")
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    cls: type[Any] = RunConfig,
+) -> Any:
+    """Build ``cls`` from a YAML file plus ``key.sub=value`` overrides (values parsed as YAML).
+
+    Raises ConfigError naming ``file:line`` (for keys from the file) or ``--set key`` (for
+    overrides) and what was expected.
+    """
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        text = _read_text(Path(path))
+        try:
+            loaded = yaml.safe_load(text)
+            lines = _key_lines(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+        data = loaded
+    origins = {key: f"{source}:{line}" for key, line in lines.items()}
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(data, key, value)
+        origins[key] = f"--set {key}"
+    try:
+        return from_dict(cls, data, prefix="", origins=origins, source=source)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a __post_init__ check of a library type
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return path.read_text(encoding="utf-8")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set parallel.tp=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from exc
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML mapping tree to its 1-based line number."""
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                out[dotted] = key_node.start_mark.line + 1
+                walk(value_node, dotted + ".")
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def from_dict(
+    cls: type[Any],
+    data: Any,
+    *,
+    prefix: str = "",
+    origins: dict[str, str] | None = None,
+    source: str = "<dict>",
+) -> Any:
+    """Instantiate dataclass ``cls`` from nested dicts, checking keys and types."""
+    origins = origins or {}
+    section = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{_where(origins, prefix.rstrip('.'), source)}: {section} must be a mapping, "
+            f"got {type(data).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"{_where(origins, dotted, source)}: unknown key {dotted!r} in {section}{hint} "
+                f"(valid: {', '.join(fields)})"
+            )
+        kwargs[key] = _coerce(hints[key], value, dotted, origins, source)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        keys = ", ".join(f"{prefix}{m}" for m in missing)
+        raise ConfigError(f"{source}: missing required key {keys}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        raise ConfigError(f"{_where(origins, key, source)}: {exc}") from None
+
+
+def _where(origins: dict[str, str], dotted: str, source: str) -> str:
+    while dotted:
+        if dotted in origins:
+            return origins[dotted]
+        dotted = dotted.rpartition(".")[0]
+    return source
+
+
+def _coerce(tp: Any, value: Any, dotted: str, origins: dict[str, str], source: str) -> Any:
+    where = _where(origins, dotted, source)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, dotted, origins, source)
+            except ConfigError as exc:
+                errors.append(str(exc).split(": ", 1)[-1])
+        raise ConfigError(f"{where}: {dotted}: {' or '.join(errors)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(
+            f"{where}: {dotted}: expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
+        )
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{dotted}.", origins=origins, source=source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {dotted}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{dotted}[{i}]", origins, source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {dotted}: expected a mapping, got {value!r}")
+        return {
+            str(k): _coerce(args[1], v, f"{dotted}.{k}", origins, source) for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "3e-6" (no dot) as a string; accept what Python reads as a float.
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"config field {dotted} has unsupported type {tp!r}")
+    raise ConfigError(f"{where}: {dotted}: expected {tp.__name__}, got {value!r}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML dumps and MLflow params)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """``{"section.key": value}`` for every leaf of the config."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks that need the model shape
+# ---------------------------------------------------------------------------------------------
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """The HF ``config.json`` of ``hf_dir`` as a dict, with a clear error if it is missing."""
+    path = Path(hf_dir)
+    if not path.is_dir():
+        raise ConfigError(f"model.hf_dir: HF model directory {str(path)!r} does not exist")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"model.hf_dir: {str(cfg_path)!r} is missing (not an HF model dir?)")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg_path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def validate_layout(
+    parallel: ParallelConfig,
+    *,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    world_size: int,
+) -> int:
+    """Check TP/PP/DP against the model shape and world size; return the data-parallel size."""
+    tp, pp = parallel.tp, parallel.pp
+    if num_heads % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide the {num_heads} attention heads "
+            f"(valid tp: {_divisors(num_heads, num_kv_heads)})"
+        )
+    if num_kv_heads % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide the {num_kv_heads} KV heads "
+            f"(valid tp: {_divisors(num_heads, num_kv_heads)})"
+        )
+    vpp = parallel.vpp or 1
+    if num_layers % (pp * vpp):
+        raise ConfigError(
+            f"parallel.pp={pp}{f' x vpp={vpp}' if vpp > 1 else ''} does not divide the "
+            f"{num_layers} layers"
+        )
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tp x pp = {tp} x {pp} = {tp * pp}"
+        )
+    dp = world_size // (tp * pp)
+    if parallel.dp is not None and parallel.dp != dp:
+        raise ConfigError(
+            f"parallel.dp={parallel.dp} but world size {world_size} = tp {tp} x pp {pp} x dp {dp}"
+        )
+    return dp
+
+
+def _divisors(*counts: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(counts) + 1) if all(c % d == 0 for c in counts))
