@@ -1,0 +1,259 @@
+"""The one HF <-> Megatron parameter mapping, used by checkpoint conversion and weight sync.
+
+Each Megatron parameter of a GPT model matches one :class:`Rule` of :data:`RULES`. A rule names
+the Hugging Face tensors it corresponds to and a :class:`Layout` saying how they are arranged and
+split over tensor-parallel ranks. Two pure functions do all the work:
+
+* :func:`Layout.shard` builds one TP rank's Megatron tensor from the HF tensors;
+* :func:`Layout.merge` rebuilds the HF tensors from the list of all TP ranks' shards.
+
+Layouts (shapes for hidden H, query heads n, KV heads g, head dim d, FFN F, vocab V):
+
+    replicated  norms: identical on every TP rank.
+    column      split on dim 0 (e.g. none today; kept for completeness of the scheme).
+    row         split on dim 1: o_proj [H, n*d], down_proj [H, F].
+    qkv         q [n*d, H], k [g*d, H], v [g*d, H] -> per KV group [q_0..q_{n/g-1}, k, v] rows,
+                then split on dim 0 (each rank owns whole groups). Biases the same, 1-D.
+    gate_up     gate [F, H], up [F, H] -> rank r holds [gate_r; up_r], split F by TP first.
+    vocab       embeddings / lm_head [V, H]: zero rows pad V to the padded vocab, split on dim 0;
+                merging drops the padding.
+
+Parameter names are canonicalised first: Transformer Engine fuses the pre-attention / pre-MLP
+norms into the following linear (``linear_qkv.layer_norm_weight``), the local spec keeps them as
+``input_layernorm.weight``; both map to the same rule. Layer indices are global (PP offsets
+applied by the caller from ``TransformerLayer.layer_number``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megatron_mel.models.arch import ModelArch
+
+
+class MappingError(KeyError):
+    """A Megatron parameter with no mapping rule, or HF tensors of unexpected shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    kind: str  # replicated | column | row | qkv | gate_up | vocab
+
+    def shard(
+        self, hf: list[Tensor], arch: ModelArch, tp_rank: int, tp_size: int, padded_vocab: int
+    ) -> Tensor:
+        """This TP rank's Megatron tensor from the rule's HF tensors (in rule order)."""
+        kind = self.kind
+        if kind == "replicated":
+            return hf[0]
+        if kind == "column":
+            return _split(hf[0], 0, tp_rank, tp_size)
+        if kind == "row":
+            return _split(hf[0], 1, tp_rank, tp_size)
+        if kind == "vocab":
+            weight = hf[0]
+            if weight.shape[0] > padded_vocab:
+                raise MappingError(f"vocab {weight.shape[0]} larger than padded {padded_vocab}")
+            pad = weight.new_zeros(padded_vocab - weight.shape[0], *weight.shape[1:])
+            return _split(torch.cat([weight, pad]), 0, tp_rank, tp_size)
+        if kind == "qkv":
+            q, k, v = hf
+            g, d = arch.num_kv_heads, arch.head_dim
+            rest = q.shape[1:]
+            grouped = torch.cat(
+                [
+                    q.reshape(g, arch.q_per_kv * d, *rest),
+                    k.reshape(g, d, *rest),
+                    v.reshape(g, d, *rest),
+                ],
+                dim=1,
+            )  # [g, (n/g + 2) * d, ...]
+            return _split(grouped, 0, tp_rank, tp_size).reshape(-1, *rest)
+        if kind == "gate_up":
+            gate, up = hf
+            return torch.cat(
+                [_split(gate, 0, tp_rank, tp_size), _split(up, 0, tp_rank, tp_size)], dim=0
+            )
+        raise MappingError(f"unknown layout {kind!r}")
+
+    def merge(self, shards: list[Tensor], arch: ModelArch) -> list[Tensor]:
+        """The rule's HF tensors (in rule order) from every TP rank's shard, rank-ordered."""
+        kind = self.kind
+        if kind == "replicated":
+            return [shards[0]]
+        if kind in ("column", "vocab"):
+            full = torch.cat(shards, dim=0)
+            return [full[: arch.vocab_size] if kind == "vocab" else full]
+        if kind == "row":
+            return [torch.cat(shards, dim=1)]
+        if kind == "qkv":
+            g, d, qd = arch.num_kv_heads, arch.head_dim, arch.q_per_kv * arch.head_dim
+            full = torch.cat(shards, dim=0)
+            rest = full.shape[1:]
+            grouped = full.reshape(g, qd + 2 * d, *rest)
+            return [
+                grouped[:, :qd].reshape(g * qd, *rest),
+                grouped[:, qd : qd + d].reshape(g * d, *rest),
+                grouped[:, qd + d :].reshape(g * d, *rest),
+            ]
+        if kind == "gate_up":
+            halves = [s.chunk(2, dim=0) for s in shards]
+            return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+        raise MappingError(f"unknown layout {kind!r}")
+
+
+def _split(t: Tensor, dim: int, rank: int, size: int) -> Tensor:
+    if t.shape[dim] % size:
+        raise MappingError(f"dim {dim} of shape {tuple(t.shape)} not divisible by TP={size}")
+    return t.chunk(size, dim=dim)[rank].contiguous()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    megatron: str
+    """Canonical Megatron name; ``{i}`` stands for the global layer index."""
+    hf: tuple[str, ...]
+    """HF tensor names; ``{i}`` as above."""
+    layout: Layout
+    applies: Callable[[ModelArch], bool] = lambda arch: True
+
+    def hf_names(self, layer: int | None) -> list[str]:
+        return [name.format(i=layer) for name in self.hf]
+
+
+_L = "model.layers.{i}."
+RULES: tuple[Rule, ...] = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Layout("vocab")),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), Layout("replicated")),
+    # With tied embeddings the last pipeline stage keeps a copy of the embedding as its output
+    # layer; it maps back to the embedding table and is skipped on export.
+    Rule(
+        "output_layer.weight",
+        ("lm_head.weight",),
+        Layout("vocab"),
+        applies=lambda arch: not arch.tie_embeddings,
+    ),
+    Rule(
+        "output_layer.weight",
+        ("model.embed_tokens.weight",),
+        Layout("vocab"),
+        applies=lambda arch: arch.tie_embeddings,
+    ),
+    Rule(
+        "decoder.layers.{i}.input_layernorm.weight",
+        (_L + "input_layernorm.weight",),
+        Layout("replicated"),
+    ),
+    Rule(
+        "decoder.layers.{i}.self_attention.linear_qkv.weight",
+        tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"),
+        Layout("qkv"),
+    ),
+    Rule(
+        "decoder.layers.{i}.self_attention.linear_qkv.bias",
+        tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"),
+        Layout("qkv"),
+        applies=lambda arch: arch.qkv_bias,
+    ),
+    Rule(
+        "decoder.layers.{i}.self_attention.q_layernorm.weight",
+        (_L + "self_attn.q_norm.weight",),
+        Layout("replicated"),
+        applies=lambda arch: arch.qk_norm,
+    ),
+    Rule(
+        "decoder.layers.{i}.self_attention.k_layernorm.weight",
+        (_L + "self_attn.k_norm.weight",),
+        Layout("replicated"),
+        applies=lambda arch: arch.qk_norm,
+    ),
+    Rule(
+        "decoder.layers.{i}.self_attention.linear_proj.weight",
+        (_L + "self_attn.o_proj.weight",),
+        Layout("row"),
+    ),
+    Rule(
+        "decoder.layers.{i}.pre_mlp_layernorm.weight",
+        (_L + "post_attention_layernorm.weight",),
+        Layout("replicated"),
+    ),
+    Rule(
+        "decoder.layers.{i}.mlp.linear_fc1.weight",
+        (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+        Layout("gate_up"),
+    ),
+    Rule("decoder.layers.{i}.mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), Layout("row")),
+)
+
+# Transformer Engine fuses the norms into the next linear; these are the same parameters.
+_TE_ALIASES = (
+    ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+    ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
+)
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamMapping:
+    """One parameter of a model chunk: its module name, rule and global layer index."""
+
+    name: str
+    rule: Rule
+    layer: int | None
+
+    @property
+    def hf_names(self) -> list[str]:
+        return self.rule.hf_names(self.layer)
+
+    @property
+    def is_tied_copy(self) -> bool:
+        """The last stage's copy of tied embeddings: loaded from, but never exported to, HF."""
+        return self.rule.megatron == "output_layer.weight" and self.rule.hf == (
+            "model.embed_tokens.weight",
+        )
+
+
+def canonical_name(name: str) -> str:
+    """Strip DDP/Float16 wrappers and map TE's fused-norm names to the local spec's."""
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    for te, local in _TE_ALIASES:
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+def map_param(name: str, arch: ModelArch, layer_offset: int = 0) -> ParamMapping:
+    """The rule for Megatron parameter ``name`` of a chunk whose first layer is ``layer_offset``.
+
+    Raises MappingError when no rule applies (an unsupported architecture feature).
+    """
+    canon = canonical_name(name)
+    layer = None
+    match = _LAYER_RE.match(canon)
+    if match:
+        layer = int(match.group(1)) + layer_offset
+        canon = _LAYER_RE.sub("decoder.layers.{i}.", canon, count=1)
+    for rule in RULES:
+        if rule.megatron == canon and rule.applies(arch):
+            return ParamMapping(name=name, rule=rule, layer=layer)
+    raise MappingError(f"no HF mapping for Megatron parameter {name!r} ({arch.family})")
+
+
+def expected_hf_names(arch: ModelArch) -> list[str]:
+    """Every HF tensor name a checkpoint of ``arch`` holds (the coverage contract)."""
+    names: list[str] = []
+    for rule in RULES:
+        if not rule.applies(arch) or (
+            rule.megatron == "output_layer.weight" and arch.tie_embeddings
+        ):
+            continue
+        layers = range(arch.num_layers) if "{i}" in rule.megatron else [None]
+        for layer in layers:
+            names.extend(rule.hf_names(layer))
+    return names
