@@ -1,5 +1,7 @@
 """megatron-mel: Megatron-Core + SGLang reinforcement learning with Meta-Experience Learning."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -8,7 +10,7 @@ setup(
     description=(
         "GRPO-style RL for LLM reasoning on Megatron-Core with Meta-Experience Learning (MEL)"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",

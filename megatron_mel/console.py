@@ -27,6 +27,8 @@ _NOISY_LOGGERS = ("megatron.core.models.gpt.gpt_model",)
 
 def setup_console(level: int | None = None) -> None:
     """Install the warning filters and a compact log format (idempotent)."""
+    # transformers draws a progress bar for every checkpoint load; it honours this variable.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for pattern in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     # GPTModel logs its deprecation in favour of HybridModel at WARNING on every construction;

@@ -28,10 +28,17 @@ class ParityReport:
     batch_max_abs_diff: float
     packed_max_abs_diff: float
     logit_scale: float
-    """max |logit| of the reference, so a tiny diff is read against the logit magnitude."""
+    """max |logit| of the references, so a diff is read against the logit magnitude."""
 
-    def ok(self, tolerance: float) -> bool:
-        return max(self.batch_max_abs_diff, self.packed_max_abs_diff) <= tolerance
+    def ok(self, tolerance: float, packed_rtol: float = 1e-5) -> bool:
+        """Batch within ``tolerance``; the pack within ``tolerance + packed_rtol * max|logit|``.
+
+        A pack runs every matmul over more rows than the separate reference forwards, and fp32
+        rounding depends on the row count; on models with large activations (SmolLM2's residual
+        stream reaches ~3e4) that alone moves logits by ~1e-4, i.e. ~5e-6 of their scale.
+        """
+        packed_tolerance = tolerance + packed_rtol * self.logit_scale
+        return self.batch_max_abs_diff <= tolerance and self.packed_max_abs_diff <= packed_tolerance
 
 
 def reference_inputs(vocab_size: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -75,7 +82,7 @@ def check_parity(
     return ParityReport(
         batch_max_abs_diff=(logits[0] - ref_batch).abs().max().item(),
         packed_max_abs_diff=(logits[1][0] - ref_packed).abs().max().item(),
-        logit_scale=ref_batch.abs().max().item(),
+        logit_scale=max(ref_batch.abs().max().item(), ref_packed.abs().max().item()),
     )
 
 
@@ -109,6 +116,7 @@ def run_parity(hf_dir: str, tp: int, pp: int, dtype_name: str, tolerance: float)
                 f"{report.batch_max_abs_diff:.3e} (batch {BATCH_SHAPE[0]}x{BATCH_SHAPE[1]}), "
                 f"{report.packed_max_abs_diff:.3e} (THD pack of {len(PACKED_LENGTHS)}); "
                 f"max |logit| {report.logit_scale:.2f}; tolerance {tolerance:g} "
+                f"(pack: + 1e-5 x max |logit|) "
                 f"{'FAIL' if failed else 'OK'}",
                 flush=True,
             )

@@ -132,3 +132,22 @@ def test_example_recipes_load():
     assert recipes, "no example recipes"
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_top_level_sections_are_pinned():
+    """Adding or renaming a section breaks every recipe: make it a deliberate change."""
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(RunConfig)] == [
+        "model",
+        "parallel",
+        "data",
+        "rollout",
+        "reflection",
+        "algorithm",
+        "optim",
+        "checkpoint",
+        "tracking",
+        "trainer",
+        "launch",
+    ]

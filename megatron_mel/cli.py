@@ -1,0 +1,102 @@
+"""``megatron-mel``: the command line of the project.
+
+megatron-mel assets   [--cache-dir D]                  offline model + data (no hub access)
+megatron-mel convert  hf-to-mcore|mcore-to-hf ...      checkpoint conversion (tools/ alias)
+megatron-mel parity   --hf-dir H [--tp T --pp P]       Megatron vs transformers logits
+megatron-mel config   RECIPE.yaml [--set k=v ...]      validate and print a resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_mel.config import ConfigError
+
+
+def _parity(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-mel parity")
+    parser.add_argument("--hf-dir", default=None, help="HF model dir (default: SmolLM2 asset)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tolerance", type=float, default=None)
+    args = parser.parse_args(argv)
+
+    from megatron_mel.config import ParallelConfig, validate_layout
+    from megatron_mel.convert.cli import DEFAULT_TOLERANCE
+    from megatron_mel.convert.verify import run_parity
+    from megatron_mel.launch import WorkerFailed, run_workers
+    from megatron_mel.models.arch import load_arch
+
+    hf_dir = args.hf_dir
+    if hf_dir is None:
+        from megatron_mel.assets import prepare_assets
+
+        hf_dir = str(prepare_assets().model_dir)
+    arch = load_arch(hf_dir)
+    validate_layout(
+        ParallelConfig(tp=args.tp, pp=args.pp),
+        num_layers=arch.num_layers,
+        num_heads=arch.num_heads,
+        num_kv_heads=arch.num_kv_heads,
+        world_size=args.tp * args.pp,
+    )
+    tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
+    try:
+        run_workers(run_parity, args.tp * args.pp, hf_dir, args.tp, args.pp, args.dtype, tolerance)
+    except WorkerFailed:
+        return 1
+    return 0
+
+
+def _config(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-mel config")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    args = parser.parse_args(argv)
+
+    import yaml
+
+    from megatron_mel.config import load_config, to_dict
+
+    cfg = load_config(args.recipe, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _assets(argv: list[str]) -> int:
+    from megatron_mel.assets import main
+
+    return main(argv)
+
+
+def _convert(argv: list[str]) -> int:
+    from megatron_mel.convert.cli import main
+
+    return main(argv)
+
+
+COMMANDS = {"assets": _assets, "convert": _convert, "parity": _parity, "config": _config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_mel.console import setup_console
+
+    setup_console()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(
+            __doc__.strip(),
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reward functions and answer extraction for math RL (kept import-light on purpose)."""
