@@ -42,6 +42,7 @@ demo: setup assets
 	@echo "parity check of the embedded default model (SmolLM2-135M-Instruct) vs transformers."
 	$(VENV)/bin/megatron-mel parity --tp 1 --pp 1
 	$(VENV)/bin/megatron-mel parity --tp 1 --pp 2
+	$(VENV)/bin/megatron-mel parity --tp 3 --pp 1
 
 lint: setup
 	$(VENV)/bin/ruff format --check .
