@@ -145,9 +145,6 @@ def init_model_parallel(
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         distributed_timeout_minutes=parallel.timeout_minutes,
-        # Gloo groups double the group count; Megatron only needs them for CPU-side collectives
-        # that the default backend already serves when it is gloo.
-        create_gloo_process_groups=backend != "gloo",
     )
     if device.type == "cpu":
         _reset_cpu_rng_tracker()
