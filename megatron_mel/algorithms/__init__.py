@@ -1,0 +1,1 @@
+"""RL algorithms: advantages, per-token losses, aggregation weights (paper symbols inside)."""
