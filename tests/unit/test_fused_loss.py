@@ -1,0 +1,97 @@
+"""The chunked fused loss equals the naive full-logits reference (loss, log-probs, entropy and
+both gradients), and bad inputs fail loudly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_mel.ops import fused_combined_loss
+from tests.unit.loss_cases import CASES, build, check_case, tolerance
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_chunked_matches_reference(case):
+    errors = check_case(case, kernels="torch")
+    assert max(errors.values()) <= tolerance(case), errors
+
+
+def test_clip_case_really_clips_on_both_sides():
+    case = next(c for c in CASES if c.name == "clip-both-sides")
+    data = build(case)
+    out = fused_combined_loss(
+        data["hidden_seed"], data["weight"], data["labels"], data["loss_type"],
+        data["token_weight"], data["advantages"], data["old_logprobs"], **dict(case.kwargs),
+    )  # fmt: skip
+    ratio = torch.exp(out.logprobs - data["old_logprobs"])
+    adv = data["advantages"]
+    assert (out.clipped & (ratio > 1.28) & (adv > 0)).any()  # clipped above
+    assert (out.clipped & (ratio < 0.8) & (adv < 0)).any()  # clipped below
+    assert 0.0 < out.clip_fraction < 1.0
+
+
+def test_logprobs_are_zero_on_ignored_tokens_and_output_unpacks_as_pair():
+    case = next(c for c in CASES if c.name == "mixed")
+    data = build(case)
+    out = fused_combined_loss(
+        data["hidden_seed"], data["weight"], data["labels"], data["loss_type"],
+        data["token_weight"], data["advantages"], data["old_logprobs"],
+    )  # fmt: skip
+    loss, logprobs = out
+    assert loss.dim() == 0 and logprobs.shape == (case.tokens,)
+    ignored = data["loss_type"] == 0
+    assert torch.all(logprobs[ignored] == 0) and torch.all(logprobs[~ignored] < 0)
+    assert out.num_pg_tokens + out.num_nll_tokens == int((~ignored).sum())
+
+
+def _inputs(t=6, h=8, v=50):
+    return dict(
+        hidden=torch.randn(t, h),
+        weight=torch.randn(v, h),
+        labels=torch.randint(0, v, (t,)),
+        loss_type=torch.ones(t, dtype=torch.int8),
+        token_weight=torch.ones(t),
+        advantages=torch.zeros(t),
+        old_logprobs=torch.zeros(t),
+    )
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        (dict(hidden=torch.randn(6, 9)), r"hidden size mismatch"),
+        (dict(hidden=torch.randn(6, 8, dtype=torch.float64)), r"share one float dtype"),
+        (dict(labels=torch.zeros(5, dtype=torch.long)), r"labels must be \[T\] = \[6\]"),
+        (dict(labels=torch.zeros(6, dtype=torch.int32)), r"labels must be int64"),
+        (dict(labels=torch.tensor([0, 1, 2, 50, 4, 5])), r"label 50 of token 3 is outside the vocabulary \[0, 50\)"),
+        (dict(labels=torch.tensor([0, -1, 2, 3, 4, 5])), r"label -1 of token 1"),
+        (dict(loss_type=torch.tensor([0, 1, 3, 1, 1, 1], dtype=torch.int8)), r"token 2 has 3"),
+        (dict(loss_type=torch.ones(6)), r"loss_type must be an integer tensor"),
+        (dict(advantages=torch.tensor([0, 0, float("nan"), 0, 0, 0.0])), r"advantages has non-finite"),
+        (dict(token_weight=torch.ones(6, dtype=torch.long)), r"token_weight must be floating point"),
+    ],
+)  # fmt: skip
+def test_bad_inputs_are_clear_errors(patch, message):
+    args = {**_inputs(), **patch}
+    with pytest.raises(ValueError, match=message):
+        fused_combined_loss(**args)
+
+
+def test_label_out_of_range_is_fine_on_ignored_tokens():
+    args = _inputs()
+    args["labels"] = torch.tensor([0, 1, 2, -100, 4, 5])
+    args["loss_type"] = torch.tensor([1, 1, 1, 0, 1, 1], dtype=torch.int8)
+    loss, _ = fused_combined_loss(**args)
+    assert torch.isfinite(loss)
+
+
+def test_kl_needs_reference_logprobs():
+    with pytest.raises(ValueError, match=r"kl_coef > 0 needs ref_logprobs"):
+        fused_combined_loss(**_inputs(), kl_coef=0.1)
+
+
+def test_forward_only_skips_gradient_buffers():
+    args = _inputs()
+    with torch.no_grad():
+        loss, logprobs = fused_combined_loss(**args)
+    assert loss.grad_fn is None and torch.isfinite(logprobs).all()
