@@ -1,0 +1,74 @@
+"""THD packing: labels shift inside each sequence, never across; loss fields land on targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_mel.algorithms.token_loss import IGNORE, NLL, PG
+from megatron_mel.data.packing import (
+    TrainSample,
+    pack_micro_batches,
+    pack_samples,
+    plan_micro_batches,
+    shard_for_data_parallel,
+)
+
+
+def test_labels_shift_within_each_sequence():
+    a = TrainSample(tokens=[10, 11, 12, 13], num_context=2, term="pg", advantage=0.5,
+                    old_logprobs=[-1.0, -2.0], token_weight=0.25)  # fmt: skip
+    b = TrainSample(tokens=[20, 21, 22], num_context=1, term="me", token_weight=0.1)
+    mb = pack_samples([a, b], [0, 1])
+    assert mb.inputs.input_ids.tolist() == [[10, 11, 12, 13, 20, 21, 22]]
+    assert mb.inputs.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert mb.inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 4, 7]
+    # a: positions 1, 2 predict targets 12, 13; b: positions 0, 1 predict 21, 22.
+    assert mb.loss_type.tolist() == [IGNORE, PG, PG, IGNORE, NLL, NLL, IGNORE]
+    active = mb.loss_type != IGNORE
+    assert mb.labels[active].tolist() == [12, 13, 21, 22]
+    assert mb.old_logprobs[active].tolist() == [-1.0, -2.0, 0.0, 0.0]
+    assert mb.advantages[active].tolist() == [0.5, 0.5, 0.0, 0.0]
+    assert mb.token_weight[active].tolist() == pytest.approx([0.25, 0.25, 0.1, 0.1])
+
+
+def test_padding_to_a_multiple_adds_an_ignored_sequence():
+    a = TrainSample(tokens=[1, 2, 3], num_context=1, term="pg")
+    mb = pack_samples([a], [0], pad_to_multiple=4)
+    assert mb.num_tokens == 4
+    assert mb.inputs.packed_seq_params.cu_seqlens_q.tolist() == [0, 3, 4]
+    assert mb.loss_type.tolist()[3] == IGNORE
+
+
+def test_plan_respects_budget_and_keeps_long_samples_whole():
+    assert plan_micro_batches([3, 3, 3], 6) == [[0, 1], [2]]
+    assert plan_micro_batches([10, 2], 6) == [[0], [1]]
+    batches = pack_micro_batches(
+        [TrainSample(tokens=[1] * n, num_context=1, term="pg") for n in (4, 4, 4)], 8
+    )
+    assert [b.num_tokens for b in batches] == [8, 4]
+
+
+def test_data_parallel_shards_cover_everything_once_and_balance_tokens():
+    samples = [TrainSample(tokens=[1] * n, num_context=1, term="pg") for n in (9, 1, 5, 5, 2, 8)]
+    shards = [shard_for_data_parallel(samples, r, 2) for r in range(2)]
+    assert sorted(id(s) for shard in shards for s in shard) == sorted(id(s) for s in samples)
+    loads = [sum(len(s.tokens) for s in shard) for shard in shards]
+    assert abs(loads[0] - loads[1]) <= 2
+
+
+def test_sample_validation():
+    with pytest.raises(ValueError, match="term must be one of"):
+        TrainSample(tokens=[1, 2], num_context=1, term="sft")
+    with pytest.raises(ValueError, match=r"num_context must be in \[1, 2\]"):
+        TrainSample(tokens=[1, 2], num_context=0, term="pg")
+    with pytest.raises(ValueError, match="old_logprobs has 2 entries for 1 targets"):
+        TrainSample(tokens=[1, 2], num_context=1, term="pg", old_logprobs=[0.0, 0.0])
+
+
+def test_reference_logprobs_travel_with_the_pack():
+    a = TrainSample(tokens=[1, 2, 3], num_context=1, term="pg", ref_logprobs=[-1.0, -2.0])
+    mb = pack_samples([a], [0])
+    assert mb.ref_logprobs is not None
+    assert mb.ref_logprobs[mb.loss_type != IGNORE].tolist() == [-1.0, -2.0]
+    assert torch.equal(mb.to(torch.device("cpu")).ref_logprobs, mb.ref_logprobs)
