@@ -1,0 +1,20 @@
+"""Reference implementations of the RewardFn hook (megatron_mel/hooks.py), loaded by path."""
+
+from __future__ import annotations
+
+import os
+
+
+def exact_match(response: str, answer: str) -> float:
+    return float(response.strip() == answer.strip())
+
+
+def crash_on_boom(response: str, answer: str) -> float:
+    """Kills its worker process on "boom" (a segfaulting native extension, say)."""
+    if response == "boom":
+        os._exit(13)
+    return 1.0
+
+
+def wrong_arity(response: str) -> float:
+    return 0.0
