@@ -257,3 +257,33 @@ def expected_hf_names(arch: ModelArch) -> list[str]:
         for layer in layers:
             names.extend(rule.hf_names(layer))
     return names
+
+
+def hf_tensor_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
+    """Shape of HF tensor ``name`` for ``arch`` (what a weight-sync receiver preallocates)."""
+    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    suffixes = {
+        "embed_tokens.weight": (arch.vocab_size, h),
+        "lm_head.weight": (arch.vocab_size, h),
+        "norm.weight": (h,),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "q_proj.weight": (q, h),
+        "k_proj.weight": (kv, h),
+        "v_proj.weight": (kv, h),
+        "q_proj.bias": (q,),
+        "k_proj.bias": (kv,),
+        "v_proj.bias": (kv,),
+        "q_norm.weight": (d,),
+        "k_norm.weight": (d,),
+        "o_proj.weight": (h, q),
+        "gate_proj.weight": (f, h),
+        "up_proj.weight": (f, h),
+        "down_proj.weight": (h, f),
+    }
+    # Longest suffix first: "q_norm.weight" must not be taken for the final "norm.weight".
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffixes[suffix]
+    raise MappingError(f"unknown HF tensor {name!r}")
