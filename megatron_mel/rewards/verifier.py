@@ -16,6 +16,7 @@ The built-in reward (:func:`math_reward`) extracts the final answer itself: the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import time
@@ -180,10 +181,8 @@ class RewardPool:
 
     def close(self) -> None:
         for worker in self._workers:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 worker.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
             worker.process.join(timeout=2)
             if worker.process.is_alive():
                 worker.process.kill()

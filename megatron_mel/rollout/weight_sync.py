@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -221,7 +221,9 @@ class RootTransport(WeightTransport):
                 dist.recv(flat, src=leader)
                 yield WeightBucket(list(bucket.entries), flat)
 
-    def _run(self, plan: SyncPlan, local: Iterator[WeightBucket], consume) -> object:  # noqa: ANN001
+    def _run(
+        self, plan: SyncPlan, local: Iterator[WeightBucket], consume: Callable[..., object]
+    ) -> object:
         rank = dist.get_rank()
         if rank == 0:
             return consume(self._at_root(plan, local))

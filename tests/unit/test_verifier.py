@@ -85,7 +85,7 @@ def test_two_thousand_hostile_answers_neither_hang_nor_crash():
 def test_custom_reward_by_dotted_path_and_bad_paths():
     with RewardPool("tests.contracts.rewards:exact_match", num_workers=1, timeout_s=2.0) as pool:
         assert pool.score([("abc", "abc"), ("abc", "abd")]) == [1.0, 0.0]
-    with pytest.raises(ConfigError, match="cannot import 'no.such.module'"):
+    with pytest.raises(ConfigError, match=r"cannot import 'no\.such\.module'"):
         RewardPool("no.such.module:fn")
     with pytest.raises(ConfigError, match="must accept 2 positional arguments"):
         RewardPool("tests.contracts.rewards:wrong_arity")
