@@ -7,9 +7,10 @@
                 the stage, the HF mapping, vocab padding removed) and fills the planned buckets.
     transports  WeightTransport.deliver: gets each stage's buckets to the engine(s).
                 RootTransport: the engine lives in the process of global rank 0 (embedded
-                engine; also the single-process case); other stages' leaders send their
-                buckets to rank 0 over the default process group. SGLang and vLLM transports
-                live beside their engines.
+                engine, in-process vLLM; also the single-process case); other stages' leaders
+                send their buckets to rank 0 over the default process group.
+                SenderTransport: each stage leader pushes its buckets to the servers itself
+                with a sender from rollout/sglang_weights.py (CUDA IPC or NCCL).
 
 Only data-parallel replica 0 exports (all replicas hold the same weights). Within it every TP rank
 iterates (the gathers are collective) and the TP-rank-0 "stage leader" owns the buckets.
@@ -21,8 +22,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -142,9 +144,11 @@ def stage_buckets(
     """
     stage = plan.stages[ps.get_pipeline_model_parallel_rank()]
     leader = ps.get_tensor_model_parallel_rank() == 0
+    device = next(chunks[0].parameters()).device
     tensors = iter_hf_tensors(chunks, arch)
     for bucket in stage:
-        flat = torch.empty(bucket.numel, dtype=bucket.dtype, device="cpu") if leader else None
+        # On the model's device: CUDA IPC and NCCL senders hand out this very buffer.
+        flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device) if leader else None
         for entry in bucket.entries:
             name, tensor = next(tensors)
             if name != entry.name or tuple(tensor.shape) != entry.shape:
@@ -199,55 +203,120 @@ class WeightTransport(ABC):
         """HF names whose engine value differs from the exported one (same on every rank)."""
 
 
-class RootTransport(WeightTransport):
-    """The engine lives on global rank 0; remote stage leaders send buckets to it (gloo/NCCL).
+def _exchange_device() -> torch.device:
+    """Where point-to-point buffers live: CUDA with NCCL, CPU with gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
-    Receive order is fixed (stage 0, 1, ... and bucket order within a stage), so send and
-    receive always match without tags.
+
+def at_root(plan: SyncPlan, local: Iterator[WeightBucket]) -> Iterator[WeightBucket]:
+    """Every stage's buckets on global rank 0, in plan order; on other ranks, send and yield
+    nothing. Receive order is fixed (stage 0, 1, ..., buckets in order), so sends and receives
+    always match without tags."""
+    if dist.get_rank() != 0:
+        is_leader = dist.get_rank() in plan.leaders
+        for bucket in local:
+            if is_leader:
+                dist.send(bucket.flat.to(_exchange_device()), dst=0)
+        return
+    yield from local  # stage 0 is rank 0's own stage
+    device = _exchange_device()
+    for stage, leader in enumerate(plan.leaders):
+        if leader == 0:
+            continue
+        for bucket in plan.stages[stage]:
+            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+            dist.recv(flat, src=leader)
+            yield WeightBucket(list(bucket.entries), flat)
+
+
+def compare_at_root(
+    engine: RolloutEngine | None, plan: SyncPlan, local: Iterator[WeightBucket]
+) -> list[str]:
+    """Names whose engine value differs from the export; the same list on every rank.
+
+    Engines that only return a prefix of a tensor (SGLang's get_weights_by_name) are compared
+    on that prefix.
     """
+    bad: list[str] = []
+    stream = at_root(plan, local)
+    if engine is None:
+        for _ in stream:  # sends this rank's buckets
+            pass
+    else:
+        for bucket in stream:
+            named = bucket.tensors()
+            current = engine.get_weights([name for name, _ in named])
+            for name, tensor in named:
+                got = current[name].cpu()
+                want = tensor.cpu()
+                if got.shape != want.shape:
+                    want = want.reshape(-1)[: got.numel()].reshape(got.shape)
+                if not torch.equal(got, want.to(got.dtype)):
+                    bad.append(name)
+    result = [bad]
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+class RootTransport(WeightTransport):
+    """The engine lives in the process of global rank 0 (embedded engine, in-process vLLM);
+    remote stage leaders send their buckets there."""
 
     def __init__(self, engine: RolloutEngine | None) -> None:
         if (dist.get_rank() == 0) != (engine is not None):
             raise ValueError("RootTransport needs the engine on global rank 0 and only there")
         self.engine = engine
 
-    def _at_root(self, plan: SyncPlan, local: Iterator[WeightBucket]) -> Iterator[WeightBucket]:
-        yield from local  # stage 0 is rank 0's own stage
-        for stage, leader in enumerate(plan.leaders):
-            if leader == 0:
-                continue
-            for bucket in plan.stages[stage]:
-                flat = torch.empty(bucket.numel, dtype=bucket.dtype)
-                dist.recv(flat, src=leader)
-                yield WeightBucket(list(bucket.entries), flat)
-
-    def _run(
-        self, plan: SyncPlan, local: Iterator[WeightBucket], consume: Callable[..., object]
-    ) -> object:
-        rank = dist.get_rank()
-        if rank == 0:
-            return consume(self._at_root(plan, local))
-        for bucket in local:
-            if rank in plan.leaders:
-                dist.send(bucket.flat, dst=0)
-        return None
-
     def deliver(self, plan: SyncPlan, buckets: Iterator[WeightBucket], version: int) -> None:
-        self._run(plan, buckets, lambda stream: self.engine.update_weights(stream, version))
+        stream = at_root(plan, buckets)
+        if self.engine is not None:
+            self.engine.update_weights(stream, version)
+        else:
+            for _ in stream:
+                pass
         dist.barrier()
 
     def mismatches(self, plan: SyncPlan, buckets: Iterator[WeightBucket]) -> list[str]:
-        def compare(stream: Iterator[WeightBucket]) -> list[str]:
-            bad = []
-            for bucket in stream:
-                named = bucket.tensors()
-                current = self.engine.get_weights([name for name, _ in named])
-                bad += [n for n, t in named if not torch.equal(current[n].to(t.dtype), t)]
-            return bad
+        return compare_at_root(self.engine, plan, buckets)
 
-        result = [self._run(plan, buckets, compare)]
-        dist.broadcast_object_list(result, src=0)
-        return result[0]
+
+class Sender(Protocol):
+    def send(self, buckets: Iterable[WeightBucket], version: int) -> int: ...
+
+
+class SenderTransport(WeightTransport):
+    """Each stage leader pushes its own buckets to the engine servers (SGLang: CUDA IPC when
+    colocated, an NCCL group per stage when disaggregated), one stage after another so no two
+    groups are ever mid-broadcast; then the driver stamps the version on the servers.
+
+    ``make_sender(stage)`` is called once, on stage leaders only.
+    """
+
+    def __init__(self, engine: RolloutEngine | None, make_sender: Callable[[int], Sender]) -> None:
+        self.engine = engine
+        self.make_sender = make_sender
+        self._sender: Sender | None = None
+
+    def deliver(self, plan: SyncPlan, buckets: Iterator[WeightBucket], version: int) -> None:
+        stage = ps.get_pipeline_model_parallel_rank()
+        leader = dist.get_rank() in plan.leaders
+        for current in range(len(plan.stages)):
+            if current == stage and leader:
+                if self._sender is None:
+                    self._sender = self.make_sender(stage)
+                self._sender.send(buckets, version)
+            elif current == stage:
+                for _ in buckets:  # TP peers take part in the gathers
+                    pass
+            dist.barrier()
+        if self.engine is not None:
+            self.engine.update_weights([], version)  # flush and stamp the version
+        dist.barrier()
+
+    def mismatches(self, plan: SyncPlan, buckets: Iterator[WeightBucket]) -> list[str]:
+        return compare_at_root(self.engine, plan, buckets)
 
 
 class WeightSynchronizer:
