@@ -91,8 +91,14 @@ def check_row_stats() -> None:
         labels = make_labels(rows, vocab, start, gen)
         got = TritonLogitKernels(block_v=block).row_stats(z, labels, start)
         want = TORCH.row_stats(z, labels, start)
-        for name, a, b in zip(("m", "s", "zs", "label_logit"), got, want):
-            close(a, b, f"row_stats {name} rows={rows} V={vocab} start={start} block={block}")
+        where = f"rows={rows} V={vocab} start={start} block={block}"
+        for name, a, b in zip(("m", "s", "label_logit"), got[:2] + got[3:], want[:2] + want[3:]):
+            close(a, b, f"row_stats {name} {where}")
+        # zs = sum exp(z - m) z cancels positive and negative terms, so its rounding error is
+        # relative to sum exp(z - m) |z|, not to |zs|; summation order differs between the two.
+        magnitude = (torch.exp(z - want[0][:, None]) * z.abs()).sum(1)
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=RTOL * float(magnitude.max()),
+                                   msg=lambda m: f"row_stats zs {where}: {m}")  # fmt: skip
         owned = (labels >= start) & (labels < start + vocab)
         assert torch.all(got[3][~owned] == 0), "unowned labels must give label_logit 0"
 
