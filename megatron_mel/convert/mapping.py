@@ -87,10 +87,10 @@ class Layout:
         if kind == "replicated":
             return [shards[0]]
         if kind in ("column", "vocab"):
-            full = torch.cat(shards, dim=0)
+            full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
             return [full[: arch.vocab_size] if kind == "vocab" else full]
         if kind == "row":
-            return [torch.cat(shards, dim=1)]
+            return [shards[0] if len(shards) == 1 else torch.cat(shards, dim=1)]
         if kind == "qkv":
             g, d, qd = arch.num_kv_heads, arch.head_dim, arch.q_per_kv * arch.head_dim
             full = torch.cat(shards, dim=0)
@@ -103,6 +103,8 @@ class Layout:
             ]
         if kind == "gate_up":
             halves = [s.chunk(2, dim=0) for s in shards]
+            if len(halves) == 1:  # views; callers copy them where they need them
+                return [halves[0][0], halves[0][1]]
             return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
         raise MappingError(f"unknown layout {kind!r}")
 

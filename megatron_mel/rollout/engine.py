@@ -36,9 +36,14 @@ class EngineError(RuntimeError):
 
     def __init__(self, engine: str, message: str, lost: Sequence[str] = ()) -> None:
         self.engine = engine
+        self.message = message
         self.lost = list(lost)
         detail = f"; lost requests: {', '.join(self.lost)}" if self.lost else ""
         super().__init__(f"engine {engine}: {message}{detail}")
+
+    def __reduce__(self) -> tuple:
+        # Travels between ranks (broadcast from the driver) with its fields intact.
+        return (type(self), (self.engine, self.message, self.lost))
 
 
 @dataclass(frozen=True, slots=True)

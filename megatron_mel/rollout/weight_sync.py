@@ -135,20 +135,27 @@ def exports_weights() -> bool:
 
 
 def stage_buckets(
-    chunks: list[torch.nn.Module], arch: ModelArch, plan: SyncPlan
+    chunks: list[torch.nn.Module],
+    arch: ModelArch,
+    plan: SyncPlan,
+    staging: dict[torch.dtype, torch.Tensor] | None = None,
 ) -> Iterator[WeightBucket]:
     """This stage's buckets, filled from the model (collective over the stage's TP group).
 
     Yields on the stage leader only; other TP ranks of replica 0 must still exhaust the
-    iterator, because producing the tensors all-gathers them over TP.
+    iterator, because producing the tensors all-gathers them over TP. With ``staging`` (one
+    reusable buffer per dtype, grown on demand) every bucket is a view of the same memory, which
+    is only safe when the consumer copies a bucket out before asking for the next one.
     """
     stage = plan.stages[ps.get_pipeline_model_parallel_rank()]
     leader = ps.get_tensor_model_parallel_rank() == 0
     device = next(chunks[0].parameters()).device
     tensors = iter_hf_tensors(chunks, arch)
     for bucket in stage:
-        # On the model's device: CUDA IPC and NCCL senders hand out this very buffer.
-        flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device) if leader else None
+        flat = None
+        if leader:
+            # On the model's device: CUDA IPC and NCCL senders hand out this very buffer.
+            flat = _staging_view(staging, bucket, device)
         for entry in bucket.entries:
             name, tensor = next(tensors)
             if name != entry.name or tuple(tensor.shape) != entry.shape:
@@ -163,6 +170,21 @@ def stage_buckets(
     leftover = next(tensors, None)
     if leftover is not None:
         raise WeightSyncError(f"model exports {leftover[0]} which the plan does not have")
+
+
+def _staging_view(
+    staging: dict[torch.dtype, torch.Tensor] | None, bucket: BucketPlan, device: torch.device
+) -> torch.Tensor:
+    if staging is None:
+        return torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+    buffer = staging.get(bucket.dtype)
+    if buffer is None or buffer.numel() < bucket.numel:
+        # Allocated once and reused: a fresh half-gigabyte buffer per sync costs more in page
+        # faults than the copies themselves.
+        buffer = staging[bucket.dtype] = torch.empty(
+            bucket.numel, dtype=bucket.dtype, device=device
+        )
+    return buffer[: bucket.numel]
 
 
 @dataclass(slots=True)
@@ -193,7 +215,11 @@ class WeightTransport(ABC):
 
     ``deliver`` is called on every rank in lockstep. On stage leaders ``buckets`` yields the
     stage's buckets; elsewhere it yields nothing but must still be exhausted (TP collectives).
+    ``copies_each_bucket``: the transport is done with a bucket before it asks for the next, so
+    buckets may share one staging buffer.
     """
+
+    copies_each_bucket: bool = False
 
     @abstractmethod
     def deliver(self, plan: SyncPlan, buckets: Iterator[WeightBucket], version: int) -> None: ...
@@ -263,6 +289,8 @@ def compare_at_root(
 class RootTransport(WeightTransport):
     """The engine lives in the process of global rank 0 (embedded engine, in-process vLLM);
     remote stage leaders send their buckets there."""
+
+    copies_each_bucket = True  # dist.send and update_weights finish with a bucket before the next
 
     def __init__(self, engine: RolloutEngine | None) -> None:
         if (dist.get_rank() == 0) != (engine is not None):
@@ -341,9 +369,14 @@ class WeightSynchronizer:
         self.engine = engine
         self.verify = verify
         self.plan = SyncPlan.build(chunks, arch, bucket_bytes)
+        self._staging: dict[torch.dtype, torch.Tensor] | None = (
+            {} if transport.copies_each_bucket else None
+        )
 
     def _local_buckets(self) -> Iterator[WeightBucket]:
-        return stage_buckets(self.chunks, self.arch, self.plan) if exports_weights() else iter(())
+        if not exports_weights():
+            return iter(())
+        return stage_buckets(self.chunks, self.arch, self.plan, self._staging)
 
     @torch.no_grad()
     def sync(self, version: int) -> SyncMetrics:

@@ -98,7 +98,7 @@ def check_row_stats() -> None:
         # relative to sum exp(z - m) |z|, not to |zs|; summation order differs between the two.
         magnitude = (torch.exp(z - want[0][:, None]) * z.abs()).sum(1)
         torch.testing.assert_close(got[2], want[2], rtol=0, atol=RTOL * float(magnitude.max()),
-                                   msg=lambda m: f"row_stats zs {where}: {m}")  # fmt: skip
+                                   msg=lambda m, w=where: f"row_stats zs {w}: {m}")  # fmt: skip
         owned = (labels >= start) & (labels < start + vocab)
         assert torch.all(got[3][~owned] == 0), "unowned labels must give label_logit 0"
 
