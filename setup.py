@@ -27,6 +27,7 @@ setup(
         "packaging>=24.2",
         "psutil",
         "pyyaml>=6",
+        "pyarrow>=14",
         "safetensors>=0.4",
         "transformers>=5.0,<6",
         "gguf>=0.10",

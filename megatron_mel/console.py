@@ -23,6 +23,13 @@ _KNOWN_NOISE = (
     r"Please use DTensor instead and we are deprecating ShardedTensor",
 )
 _NOISY_LOGGERS = ("megatron.core.models.gpt.gpt_model",)
+# Megatron DDP asks callers to precompute a layout it then computes itself; nothing to act on.
+_NOISY_LOG_MESSAGES = ("full_param_layout not provided", "MCore's async save is deprecated")
+
+
+class _DropKnownMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _NOISY_LOG_MESSAGES)
 
 
 def setup_console(level: int | None = None) -> None:
@@ -35,6 +42,13 @@ def setup_console(level: int | None = None) -> None:
     # HybridModel's stock spec needs TE, so GPTModel is the supported CPU path (see docs).
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in (
+        "megatron.core.distributed.distributed_data_parallel",
+        "megatron.core.dist_checkpointing.strategies.torch",
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownMessages) for f in logger.filters):
+            logger.addFilter(_DropKnownMessages())
     if level is None:
         level = logging.DEBUG if os.environ.get("MEGATRON_MEL_DEBUG") else logging.INFO
     # Third-party libraries log at WARNING and above; our own modules at ``level``.

@@ -50,3 +50,33 @@ def make_tiny_hf(family: str, out_dir: Path, *, seed: int = 0) -> Path:
                 param.normal_(0.0, 0.3)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def make_micro_policy(out_dir: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A 2-layer random Llama with a real tokenizer (SmolLM2's): a policy the whole MEL loop can
+    run on in seconds. Its answers are noise; tests steer rewards with a contract verifier."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "special_tokens_map.json", "generation_config.json"):  # fmt: skip
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out_dir / name)
+    return out_dir

