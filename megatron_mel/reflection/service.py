@@ -1,0 +1,231 @@
+"""The reflection stage: contrastive pairs -> meta-experiences -> replay validation (MEL.md 4-6).
+
+For every mixed group, each (y+, y-) pair becomes one analysis request through the same rollout
+engine, at the weight version that produced the rollouts (nothing syncs in between; we assert
+it). A candidate M is dropped if generation hit the length limit (counted), and optionally if it
+leaks the gold answer or lacks heuristics. Each survivor is validated by a replay: the policy
+re-solves the question with M in its prompt, once; M is kept only if that answer verifies. The
+replay is a filter only and is never trained on.
+
+Kept meta-experiences become NLL samples: context = the exact reflection prompt the engine saw
+([I, x, y-, y+], chat-formatted), targets = M's generated tokens including the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from megatron_mel.config import ReflectionConfig
+from megatron_mel.data.packing import TrainSample
+from megatron_mel.data.prompts import PromptFormatter
+from megatron_mel.reflection.pairs import contrastive_pairs, is_mixed
+from megatron_mel.reflection.parsing import leaks_answer, parse_experience
+from megatron_mel.reflection.store import ExperienceRecord
+from megatron_mel.reflection.templates import ReflectionTemplates
+from megatron_mel.rewards.verifier import RewardPool, extract_answer
+from megatron_mel.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
+from megatron_mel.rollout.groups import RolloutGroup
+
+
+@dataclass(slots=True)
+class _Candidate:
+    group: RolloutGroup
+    pair: tuple[int, int]
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    truncated: bool = False
+    reason: str = ""
+    replay_answer: str | None = None
+
+
+@dataclass(slots=True)
+class ReflectionOutcome:
+    samples: list[TrainSample]
+    records: list[ExperienceRecord]
+    metrics: dict[str, float]
+    generated_tokens: dict[str, int]
+    """Tokens generated per phase: reflection, replay."""
+    seconds: dict[str, float]
+    """Wall seconds per phase: reflection (analyses), replay (validation solves + verify)."""
+
+
+class Reflector:
+    def __init__(
+        self,
+        cfg: ReflectionConfig,
+        templates: ReflectionTemplates,
+        formatter: PromptFormatter,
+        reward_pool: RewardPool,
+        *,
+        rollout_max_new_tokens: int,
+        seed: int,
+    ) -> None:
+        self.cfg = cfg
+        self.templates = templates
+        self.formatter = formatter
+        self.pool = reward_pool
+        self.replay_max_new_tokens = cfg.replay_max_new_tokens or rollout_max_new_tokens
+        self.seed = seed
+
+    def run(
+        self, engine: RolloutEngine, groups: list[RolloutGroup], step: int
+    ) -> ReflectionOutcome:
+        """Reflect on every mixed group of the step; collective-free (runs on the driver rank)."""
+        rng = random.Random(f"{self.seed}:pairs:{step}")
+        candidates = [
+            _Candidate(g, pair, self._experience_ids(g, pair))
+            for g in groups
+            if is_mixed(g.rewards)
+            for pair in contrastive_pairs(
+                g.rewards, max_pairs=self.cfg.max_pairs_per_prompt, rng=rng
+            )
+        ]
+        counts = Counter(mixed_groups=sum(is_mixed(g.rewards) for g in groups),
+                         pairs=len(candidates))  # fmt: skip
+        tokens = {"reflection": 0, "replay": 0}
+        versions = {g.weight_version for g in groups}
+        start = time.perf_counter()
+        self._analyse(engine, candidates, step, tokens, versions)
+        middle = time.perf_counter()
+        survivors = [c for c in candidates if not c.reason]
+        self._replay(engine, survivors, step, tokens, versions)
+        seconds = {"reflection": middle - start, "replay": time.perf_counter() - middle}
+
+        kept = [c for c in candidates if c.reason == "kept"]
+        per_prompt = Counter(c.group.problem.id for c in kept)
+        samples = [
+            TrainSample(tokens=c.prompt_ids + c.token_ids, num_context=len(c.prompt_ids),
+                        term="me", group_size=per_prompt[c.group.problem.id],
+                        prompt_id=c.group.problem.id)
+            for c in kept
+        ]  # fmt: skip
+        records = [self._record(c, step) for c in candidates]
+        leaked = sum(r.leaked for r in records if r.reason != "truncated")
+        complete = [r for r in records if r.reason != "truncated"]
+        dropped = sum(c.reason == "truncated" for c in candidates)
+        counts.update(candidates=len(candidates) - dropped, kept=len(kept),
+                      truncated=sum(c.truncated for c in candidates))  # fmt: skip
+        metrics = {
+            "mel/mixed_groups": float(counts["mixed_groups"]),
+            "mel/pairs": float(counts["pairs"]),
+            "mel/candidates": float(counts["candidates"]),
+            "mel/kept": float(counts["kept"]),
+            "mel/retention": counts["kept"] / counts["candidates"] if counts["candidates"] else 0.0,
+            "mel/truncation_rate": counts["truncated"] / counts["pairs"]
+            if counts["pairs"]
+            else 0.0,
+            "mel/leak_rate": leaked / len(complete) if complete else 0.0,
+            "mel/heuristics_rate": (
+                sum(r.has_heuristics for r in complete) / len(complete) if complete else 0.0
+            ),
+            "mel/me_length": (sum(len(c.token_ids) for c in kept) / len(kept) if kept else 0.0),
+        }
+        return ReflectionOutcome(samples, records, metrics, tokens, seconds)
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _experience_ids(self, group: RolloutGroup, pair: tuple[int, int]) -> list[int]:
+        good, bad = pair
+        prompt = self.templates.experience_prompt(
+            group.problem.question, incorrect=group.texts[bad], correct=group.texts[good]
+        )
+        return self.formatter.encode(prompt)
+
+    def _analyse(
+        self,
+        engine: RolloutEngine,
+        candidates: list[_Candidate],
+        step: int,
+        tokens: dict[str, int],
+        versions: set[int],
+    ) -> None:
+        params = SamplingParams(temperature=self.cfg.temperature,
+                                max_new_tokens=self.cfg.max_new_tokens,
+                                stop_token_ids=self.formatter.stop_token_ids,
+                                seed=self.seed + 7919 * step)  # fmt: skip
+        requests = [GenerationRequest(f"reflect/{step}/{i}", c.prompt_ids, params)
+                    for i, c in enumerate(candidates)]  # fmt: skip
+        for candidate, result in zip(candidates, engine.generate(requests)):
+            completion = result.completions[0]
+            _check_version(completion.weight_version, versions)
+            candidate.token_ids = completion.token_ids
+            candidate.text = self.formatter.decode(completion.token_ids)
+            candidate.truncated = completion.truncated
+            tokens["reflection"] += len(completion.token_ids)
+            if candidate.truncated and self.cfg.drop_truncated:
+                candidate.reason = "truncated"
+            elif self.cfg.reject_answer_leaks and leaks_answer(
+                candidate.text, candidate.group.problem.answer
+            ):
+                candidate.reason = "leak"
+            elif (
+                self.cfg.require_heuristics and not parse_experience(candidate.text).has_heuristics
+            ):
+                candidate.reason = "no_heuristics"
+
+    def _replay(
+        self,
+        engine: RolloutEngine,
+        survivors: list[_Candidate],
+        step: int,
+        tokens: dict[str, int],
+        versions: set[int],
+    ) -> None:
+        params = SamplingParams(temperature=self.cfg.replay_temperature,
+                                max_new_tokens=self.replay_max_new_tokens,
+                                stop_token_ids=self.formatter.stop_token_ids,
+                                seed=self.seed + 104729 * step)  # fmt: skip
+        if not survivors:
+            return
+        requests = [
+            GenerationRequest(
+                f"replay/{step}/{i}",
+                self.formatter.encode(
+                    self.templates.replay_prompt(c.text, c.group.problem.question)
+                ),
+                params,
+            )
+            for i, c in enumerate(survivors)
+        ]
+        results = engine.generate(requests)
+        texts = []
+        for result in results:
+            completion = result.completions[0]
+            _check_version(completion.weight_version, versions)
+            tokens["replay"] += len(completion.token_ids)
+            texts.append(
+                "" if completion.truncated else self.formatter.decode(completion.token_ids)
+            )
+        scores = self.pool.score([(t, c.group.problem.answer) for t, c in zip(texts, survivors)])
+        for candidate, text, score in zip(survivors, texts, scores):
+            candidate.replay_answer = extract_answer(text) if text else None
+            candidate.reason = "kept" if score > 0 else "replay_failed"
+
+    def _record(self, c: _Candidate, step: int) -> ExperienceRecord:
+        parsed = parse_experience(c.text)
+        return ExperienceRecord(
+            step=step,
+            prompt_id=c.group.problem.id,
+            pair=c.pair,
+            weight_version=c.group.weight_version,
+            text=c.text,
+            kept=c.reason == "kept",
+            reason=c.reason,
+            replay_answer=c.replay_answer,
+            failure_point=parsed.failure_point,
+            leaked=leaks_answer(c.text, c.group.problem.answer),
+            has_heuristics=parsed.has_heuristics,
+            num_tokens=len(c.token_ids),
+        )
+
+
+def _check_version(version: int, expected: set[int]) -> None:
+    if version not in expected:
+        raise RuntimeError(
+            f"reflection ran at weight version {version}, the rollouts at {sorted(expected)}: "
+            "the engine was updated mid-step"
+        )

@@ -1,0 +1,150 @@
+"""The reflection stage against a scripted engine: pairs, prompts, truncation, replay filter and
+the NLL samples are exactly as MEL.md says (steps 4-7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_mel.algorithms.token_loss import IGNORE, NLL
+from megatron_mel.config import ReflectionConfig
+from megatron_mel.data.datasets import Problem
+from megatron_mel.data.packing import pack_samples
+from megatron_mel.data.prompts import PromptFormatter
+from megatron_mel.reflection.pairs import contrastive_pairs
+from megatron_mel.reflection.parsing import leaks_answer, parse_experience
+from megatron_mel.reflection.service import Reflector
+from megatron_mel.reflection.templates import ReflectionTemplates
+from megatron_mel.rewards.verifier import RewardPool
+from megatron_mel.rollout.engine import Completion, GenerationResult, RolloutEngine
+from megatron_mel.rollout.groups import RolloutGroup
+
+
+class ScriptedEngine(RolloutEngine):
+    """Answers by rule: analyses are "analysis <n>" (the 2nd one truncated); replays answer
+    correctly when the analysis number is odd."""
+
+    def __init__(self, formatter: PromptFormatter) -> None:
+        super().__init__("scripted")
+        self.formatter = formatter
+        self.requests: list = []
+
+    def _generate(self, requests):
+        results = []
+        for request in requests:
+            self.requests.append(request)
+            prompt = self.formatter.decode(request.prompt_token_ids)
+            kind, _, index = request.request_id.split("/")
+            if kind == "reflect":
+                n = int(index)
+                text = f"### 1. Failure Point and Latent Reasoning Defect\nFailure point: step {n}\n" \
+                       f"### 4. Subject Heuristics\n- If A, then B. analysis {n}"  # fmt: skip
+                reason = "length" if n == 1 else "stop"
+            else:
+                n = int(prompt.split("analysis ")[1].split()[0])
+                text = "so \\boxed{42}" if n % 2 else "so \\boxed{41}"
+                reason = "stop"
+            ids = self.formatter.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if reason == "stop":
+                ids = [*ids, self.formatter.stop_token_ids[0]]
+            results.append(GenerationResult(request.request_id, request.prompt_token_ids,
+                                            [Completion(ids, [0.0] * len(ids), reason, 3)]))  # fmt: skip
+        return results
+
+    def _update_weights(self, buckets, version):
+        raise NotImplementedError
+
+    def get_weights(self, names):
+        return {}
+
+
+@pytest.fixture(scope="module")
+def formatter(assets):
+    return PromptFormatter.from_dir(assets.model_dir)
+
+
+def _group(formatter, pid, rewards):
+    problem = Problem(pid, f"question {pid}", "42", "test")
+    texts = [f"response {pid}-{i}" for i in range(len(rewards))]
+    completions = [Completion([1], [0.0], "stop", 3) for _ in rewards]
+    return RolloutGroup(problem, formatter.solve_prompt(problem.question), completions, texts,
+                        list(rewards))  # fmt: skip
+
+
+def test_reflection_pipeline_exactly(formatter):
+    groups = [_group(formatter, "A", [1, 0, 0, 1]), _group(formatter, "B", [1, 1, 1, 1]),
+              _group(formatter, "C", [0, 0, 0, 0])]  # fmt: skip
+    engine = ScriptedEngine(formatter)
+    with RewardPool(num_workers=1, timeout_s=5) as pool:
+        reflector = Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, pool,
+                              rollout_max_new_tokens=64, seed=0)  # fmt: skip
+        outcome = reflector.run(engine, groups, step=5)
+
+    reflect = [r for r in engine.requests if r.request_id.startswith("reflect/")]
+    # Step 4: only the mixed group, every (correct, incorrect) pair.
+    assert len(reflect) == 4
+    expected_pairs = [(0, 1), (0, 2), (3, 1), (3, 2)]
+    templates = ReflectionTemplates()
+    for request, (good, bad) in zip(reflect, expected_pairs):
+        prompt = templates.experience_prompt("question A", incorrect=f"response A-{bad}",
+                                             correct=f"response A-{good}")  # fmt: skip
+        assert request.prompt_token_ids == formatter.encode(prompt)
+        text = formatter.decode(request.prompt_token_ids)
+        # The incorrect solution comes first, each with its verdict.
+        assert text.index(f"response A-{bad}") < text.index(f"response A-{good}")
+        assert "Incorrect </judge>" in text and "Correct </judge>" in text
+    # Step 5: the truncated analysis (index 1) is dropped and counted, never replayed.
+    replays = [r for r in engine.requests if r.request_id.startswith("replay/")]
+    assert len(replays) == 3
+    assert all("analysis 1\n" not in formatter.decode(r.prompt_token_ids) for r in replays)
+    # Step 6: replay answers 42 (correct) for odd analyses: only analysis 3 survives.
+    kept = [r for r in outcome.records if r.kept]
+    assert [r.pair for r in kept] == [expected_pairs[3]]
+    assert {r.reason for r in outcome.records} == {"kept", "truncated", "replay_failed"}
+    assert outcome.metrics["mel/mixed_groups"] == 1 and outcome.metrics["mel/pairs"] == 4
+    assert outcome.metrics["mel/candidates"] == 3 and outcome.metrics["mel/kept"] == 1
+    assert outcome.metrics["mel/retention"] == pytest.approx(1 / 3)
+    assert outcome.metrics["mel/truncation_rate"] == pytest.approx(1 / 4)
+    assert kept[0].failure_point == "step 3" and kept[0].replay_answer == "42"
+    # Step 7: the NLL sample is [reflection prompt] + M (+ end of turn); only M carries loss.
+    (sample,) = outcome.samples
+    prompt_ids = reflect[3].prompt_token_ids
+    assert sample.term == "me" and sample.num_context == len(prompt_ids)
+    assert sample.tokens[: len(prompt_ids)] == prompt_ids
+    assert sample.tokens[-1] == formatter.stop_token_ids[0]
+    mb = pack_samples([sample], [0])
+    nll = (mb.loss_type == NLL).nonzero().flatten().tolist()
+    assert nll == list(range(len(prompt_ids) - 1, len(sample.tokens) - 1))
+    assert mb.labels[nll].tolist() == sample.tokens[len(prompt_ids) :]
+    assert int((mb.loss_type != IGNORE).sum()) == sample.num_targets
+
+
+def test_pair_cap_prefers_distinct_incorrect():
+    pairs = contrastive_pairs([1, 1, 1, 0, 0], max_pairs=2)
+    assert len(pairs) == 2 and len({w for _, w in pairs}) == 2
+    assert contrastive_pairs([1, 1]) == [] and contrastive_pairs([0, 0]) == []
+    assert len(contrastive_pairs([1, 0] * 4)) == 16  # all pairs at G = 8
+
+
+def test_parsing_and_leaks():
+    parsed = parse_experience(
+        "### 1. Failure Point and Latent Reasoning Defect\nFailure point: used sin(A/2)\n"
+        "### 2. Why the Correct Solution Worked\nchecked\n### 3. First-Person Reflective Summary\n"
+        "Review\n### 4. Subject Heuristics\n- If X, then Y."
+    )
+    assert parsed.complete and parsed.has_heuristics and parsed.failure_point == "used sin(A/2)"
+    assert not parse_experience("no sections at all").has_heuristics
+    assert leaks_answer("the result is 12 apples", "12")
+    assert not leaks_answer("the result is 123 or 1.2", "12")
+    assert leaks_answer("so x = \\frac{1}{2}", "\\frac{1}{2}")
+
+
+def test_leak_and_heuristics_filters(formatter):
+    groups = [_group(formatter, "A", [1, 0])]
+    engine = ScriptedEngine(formatter)
+    cfg = ReflectionConfig(require_heuristics=True, reject_answer_leaks=True)
+    with RewardPool(num_workers=1, timeout_s=5) as pool:
+        outcome = Reflector(cfg, ReflectionTemplates(), formatter, pool,
+                            rollout_max_new_tokens=64, seed=0).run(engine, groups, step=1)  # fmt: skip
+    (record,) = outcome.records
+    assert record.has_heuristics and not record.leaked  # "analysis 0" has no 42 in it
+    assert record.reason == "replay_failed"  # analysis 0 is even: the replay answers 41
