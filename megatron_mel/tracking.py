@@ -1,0 +1,130 @@
+"""Experiment tracking: an MLflow run per training run, plus a console progress line with ETA.
+
+The store is ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a local sqlite file
+under the run directory (artifacts beside it). ``MLFLOW_EXPERIMENT_NAME`` overrides the
+experiment and ``MLFLOW_RUN_ID`` attaches to an existing run; a resumed training run reattaches
+to the run id saved in its checkpoint, so one MLflow run shows the whole training.
+
+Only the driver rank (global rank 0) talks to MLflow; the other ranks get a tracker whose calls
+do nothing, so call sites need no rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_mel.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+_PARAM_MAX = 500  # MLflow rejects longer parameter values on some stores
+
+
+class Tracker:
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: str | Path,
+        *,
+        params: dict[str, Any],
+        run_name: str,
+        total_steps: int,
+        resume_run_id: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.run_id: str | None = None
+        self.tracking_uri: str | None = None
+        self._client = None
+        self._started = time.monotonic()
+        self._first_step: int | None = None
+        # Every logged metric also lands in a JSONL file: greppable, and independent of MLflow.
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        if enabled:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if not enabled or cfg.backend != "mlflow":
+            return
+        from mlflow.tracking import MlflowClient
+
+        run_dir = Path(run_dir).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        uri = (
+            cfg.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or (f"sqlite:///{run_dir / 'mlflow.db'}")
+        )
+        self.tracking_uri = uri
+        client = MlflowClient(tracking_uri=uri)
+        run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
+        if run_id:
+            run = client.get_run(run_id)
+            client.update_run(run_id, status="RUNNING")
+        else:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.experiment
+            experiment = client.get_experiment_by_name(name)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else client.create_experiment(
+                    name, artifact_location=(run_dir / "mlartifacts").as_uri()
+                )
+            )
+            run = client.create_run(experiment_id, run_name=cfg.run_name or run_name)
+            for key, value in sorted(params.items()):
+                client.log_param(run.info.run_id, key, str(value)[:_PARAM_MAX])
+        self._client = client
+        self.run_id = run.info.run_id
+
+    def forget_after(self, step: int) -> None:
+        """Drop JSONL records of steps after ``step`` (a resumed run redoes them)."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        if self._client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._client is not None and Path(path).exists():
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def progress(self, step: int, metrics: dict[str, float], keys: dict[str, str]) -> str:
+        """One console line for ``step`` with the chosen metrics and an ETA; printed on rank 0."""
+        if self._first_step is None:
+            self._first_step, self._started = (
+                step - 1,
+                time.monotonic() - metrics.get("time/step", 0.0),
+            )
+        done = step - self._first_step
+        per_step = (time.monotonic() - self._started) / max(done, 1)
+        eta = per_step * (self.total_steps - step)
+        shown = " | ".join(f"{label} {metrics[k]:.4g}" for k, label in keys.items() if k in metrics)
+        line = (
+            f"step {step}/{self.total_steps} | {shown} | {per_step:.1f}s/step | "
+            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        )
+        if self.enabled:
+            print(line, flush=True)
+        return line
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self._client is not None:
+            self._client.set_terminated(self.run_id, status=status)
+            self._client = None
