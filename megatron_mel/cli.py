@@ -65,6 +65,54 @@ def _config(argv: list[str]) -> int:
     return 0
 
 
+def _recipe_args(prog: str, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"megatron-mel {prog}")
+    parser.add_argument("recipe", help="YAML recipe, e.g. examples/tiny_cpu.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    if prog == "eval":
+        parser.add_argument("--hf-dir", default=None, help="evaluate this HF model instead")
+    return parser.parse_args(argv)
+
+
+def _train(argv: list[str]) -> int:
+    """Validate everything cheap in this process, then run on TP x PP x DP ranks."""
+    from pathlib import Path
+
+    from megatron_mel.config import load_config, validate_layout
+    from megatron_mel.launch import WorkerFailed, already_launched, run_workers
+    from megatron_mel.models.arch import load_arch
+    from megatron_mel.trainer.build import load_datasets
+    from megatron_mel.trainer.loop import train
+
+    args = _recipe_args("train", argv)
+    cfg = load_config(args.recipe, args.overrides)
+    arch = load_arch(cfg.model.hf_dir)
+    world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
+    if not already_launched():
+        validate_layout(cfg.parallel, num_layers=arch.num_layers, num_heads=arch.num_heads,
+                        num_kv_heads=arch.num_kv_heads, world_size=world)  # fmt: skip
+    load_datasets(cfg)  # a bad record fails here, naming file:line and key
+    from megatron_mel.hooks import RewardFn, load_hook
+
+    load_hook(cfg.reward.function, RewardFn, key="reward.function")
+    try:
+        run_workers(train, world, cfg, Path(args.recipe).stem)
+    except WorkerFailed:
+        return 1
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from megatron_mel.config import load_config
+    from megatron_mel.trainer.evaluate_cli import run_eval
+
+    args = _recipe_args("eval", argv)
+    overrides = list(args.overrides)
+    if args.hf_dir:
+        overrides.append(f"model.hf_dir={args.hf_dir}")
+    return run_eval(load_config(args.recipe, overrides))
+
+
 def _assets(argv: list[str]) -> int:
     from megatron_mel.assets import main
 
@@ -77,7 +125,14 @@ def _convert(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"assets": _assets, "convert": _convert, "parity": _parity, "config": _config}
+COMMANDS = {
+    "assets": _assets,
+    "convert": _convert,
+    "parity": _parity,
+    "config": _config,
+    "train": _train,
+    "eval": _eval,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

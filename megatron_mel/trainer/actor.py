@@ -202,23 +202,29 @@ class Actor:
 
     @torch.no_grad()
     def compute_logprobs(self, samples: Sequence[TrainSample]) -> list[list[float]]:
-        """log pi(target token) of every target token of ``samples`` (all ranks get them).
+        """log pi(target token) of every target token of ``samples``, on every rank.
 
-        Every rank passes the same samples (no data-parallel split: callers that want one
-        should shard first).
+        ``samples`` is the same list on every rank; data-parallel replicas each score their
+        share and the results are all-gathered.
         """
         for chunk in self.chunks:
             chunk.eval()
-        probes = [
-            TrainSample(tokens=s.tokens, num_context=s.num_context, term="me", token_weight=0.0)
-            for s in samples
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        indexed = [
+            TrainSample(tokens=s.tokens, num_context=s.num_context, term="me", prompt_id=str(i))
+            for i, s in enumerate(samples)
         ]
-        records = self._run_schedule(self._pack(probes), forward_only=True)
-        by_sample: dict[int, list[float]] = {}
-        for record in records:
-            by_sample.update(record["logprobs"])
-        by_sample = share_from_last_stage(by_sample)
-        return [by_sample[i] for i in range(len(samples))]
+        mine = shard_for_data_parallel(indexed, dp_rank, dp_size)
+        records = self._run_schedule(self._pack(mine), forward_only=True)
+        local: dict[int, list[float]] = {}
+        for record in records if mine else []:  # an empty share ran one padding pack
+            for position, values in record["logprobs"].items():
+                local[int(mine[position].prompt_id)] = values
+        local = share_from_last_stage(local)
+        gathered: list[dict[int, list[float]]] = [{} for _ in range(dp_size)]
+        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+        merged = {k: v for part in gathered for k, v in part.items()}
+        return [merged[i] for i in range(len(samples))]
 
     # -- internals --------------------------------------------------------------------------
 

@@ -137,8 +137,7 @@ def _sglang_transport(cfg: RunConfig, engine: RolloutEngine | None) -> WeightTra
 def build_driver(
     cfg: RunConfig, arch: ModelArch, train: list[Problem], benchmarks: dict[str, list[Problem]]
 ) -> DriverHandles:
-    if dist.get_rank() != 0:
-        return DriverHandles()
+    """Everything the driver rank owns; call on global rank 0 only."""
     formatter = PromptFormatter.from_dir(
         cfg.model.hf_dir,
         apply_chat_template=cfg.data.apply_chat_template,

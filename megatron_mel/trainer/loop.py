@@ -1,0 +1,193 @@
+"""The MEL training loop: generate, verify, reflect + validate, train, sync, save, evaluate, log.
+
+It reads like the diagram in docs/architecture.md. Every rank runs it; the generation side runs
+on the driver (global rank 0) inside ``from_driver`` and its result reaches all ranks, the
+training side is collective. With ``algorithm.meta_experience`` off (grpo, reinforce_pp, rft)
+the reflection step does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from megatron_mel import platform
+from megatron_mel.checkpoint import TrainerState
+from megatron_mel.config import RunConfig, dump_yaml, validate_layout
+from megatron_mel.data.datasets import Problem
+from megatron_mel.data.packing import TrainSample
+from megatron_mel.models.arch import load_arch
+from megatron_mel.rollout.engine import SamplingParams
+from megatron_mel.rollout.groups import generate_groups
+from megatron_mel.tracking import Tracker
+from megatron_mel.trainer import build
+from megatron_mel.trainer.actor import Actor
+from megatron_mel.trainer.build import DriverHandles
+from megatron_mel.trainer.evaluation import EvalSpec, evaluate, markdown_table
+from megatron_mel.trainer.phases import (
+    PhaseTimer,
+    from_driver,
+    logprob_mismatch,
+    on_driver_checked,
+    policy_samples,
+    verify_groups,
+    with_retries,
+)
+
+log = logging.getLogger(__name__)
+PROGRESS = {"reward/mean": "reward", "mel/pairs": "pairs", "mel/kept": "kept",
+            "mel/retention": "retention", "train/pg_loss": "pg_loss", "train/nll_loss": "nll_loss"}  # fmt: skip
+
+
+def train(cfg: RunConfig, recipe_name: str = "run") -> None:
+    """Run (or resume) training as described by ``cfg``; every rank calls this."""
+    arch = load_arch(cfg.model.hf_dir)
+    validate_layout(cfg.parallel, num_layers=arch.num_layers, num_heads=arch.num_heads,
+                    num_kv_heads=arch.num_kv_heads, world_size=platform.launcher_env()[1])  # fmt: skip
+    train_set, benchmarks = build.load_datasets(cfg)  # bad data fails before the model is built
+    ctx = platform.init_distributed(cfg.parallel, seed=cfg.model.init_seed)
+    actor = build.build_policy(cfg, arch)
+    driver = on_driver_checked(lambda: build.build_driver(cfg, arch, train_set, benchmarks))
+    driver = driver or DriverHandles()
+    sync = build.build_sync(cfg, actor, arch, driver.engine)
+    ckpt = build.build_checkpointer(cfg, arch)
+    state = TrainerState()
+    latest = ckpt.latest()
+    if latest is not None:
+        state = ckpt.load(latest, actor)
+        from_driver(lambda: _restore_driver(driver, state, latest))
+    tracker = build.build_tracker(cfg, resume_run_id=state.mlflow_run_id, recipe_name=recipe_name)
+    state.mlflow_run_id = tracker.run_id
+    tracker.forget_after(state.step)
+    if ctx.is_main:
+        dump_yaml(cfg, f"{cfg.launch.run_dir}/config.yaml")
+        tracker.log_artifact(f"{cfg.launch.run_dir}/config.yaml")
+    if latest is not None:
+        # The engine started from the HF weights; give it the checkpoint's, under the version
+        # the uninterrupted run would have had.
+        sync.sync(version=state.weight_version)
+    status = "FAILED"
+    try:
+        for step in range(state.step + 1, cfg.trainer.num_steps + 1):
+            metrics = _train_step(cfg, step, actor, driver, state.weight_version)
+            synced = sync.sync(version=state.weight_version + 1)
+            state.weight_version, state.step = synced.version, step
+            metrics.update(synced.as_dict())
+            metrics["time/sync"] = synced.seconds
+            metrics["time/step"] = sum(v for k, v in metrics.items() if k.startswith("time/"))
+            last = step == cfg.trainer.num_steps
+            if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or last):
+                metrics.update(from_driver(lambda s=step: _evaluate(cfg, driver, tracker, s)))
+            # Log before saving: a crash between the two re-runs (and re-logs) the step, while
+            # the other order could leave a checkpointed step that was never logged.
+            tracker.log_metrics(metrics, step)
+            tracker.progress(step, metrics, PROGRESS)
+            if ckpt.due(step, metrics["time/step"]):
+                if ctx.is_main:
+                    state.sampler = driver.sampler.state_dict()
+                ckpt.save(state, actor, driver.store)
+                if ctx.is_main:
+                    tracker.log_artifact(driver.store.path, "meta_experiences")
+            if ckpt.out_of_time(metrics["time/step"]) and step < cfg.trainer.num_steps:
+                log.warning("stopping at step %d: the walltime would not fit another step", step)
+                status = "KILLED"
+                break
+        else:
+            status = "FINISHED"
+    finally:
+        tracker.close(status)
+        driver.close()
+        platform.destroy_distributed()
+    if ctx.is_main and tracker.tracking_uri:
+        print(f"MLflow run {tracker.run_id}: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+
+
+def _train_step(
+    cfg: RunConfig, step: int, actor: Actor, driver: DriverHandles, version: int
+) -> dict[str, float]:
+    """One MEL cycle up to the optimizer step; returns its metrics (same on every rank)."""
+    timer = PhaseTimer()
+    samples, metrics, timings = from_driver(lambda: _generate_and_reflect(cfg, step, driver, timer))
+    timer.seconds.update(timings)
+    responses = [s for s in samples if s.term in ("pg", "rft")]  # the rollout responses
+    with timer("logprobs"):
+        recomputed = actor.compute_logprobs(responses)
+    metrics.update(logprob_mismatch(responses, recomputed))
+    if cfg.algorithm.recompute_old_logprobs:
+        for sample, values in zip(responses, recomputed):
+            sample.old_logprobs = values
+    with timer("train"):
+        train = actor.train_step(samples, step=step, num_prompts=cfg.rollout.prompts_per_step)
+    metrics.update({f"train/{k}": v for k, v in train.items()})
+    metrics.update(timer.metrics())
+    metrics["rollout/weight_version"] = float(version)
+    return metrics
+
+
+def _generate_and_reflect(
+    cfg: RunConfig, step: int, driver: DriverHandles, timer: PhaseTimer
+) -> tuple[list[TrainSample], dict[str, float], dict[str, float]]:
+    """Driver side of a step: rollouts, rewards, reflection + replay, store; no collectives.
+
+    An engine failure re-runs the generation with the same prompts and seeds (rollout.max_retries).
+    """
+    problems = driver.sampler.next_batch(cfg.rollout.prompts_per_step)
+    return with_retries(
+        lambda: _generate_for(cfg, step, driver, timer, problems),
+        cfg.rollout.max_retries,
+        f"step {step} generation",
+    )
+
+
+def _generate_for(
+    cfg: RunConfig, step: int, driver: DriverHandles, timer: PhaseTimer, problems: list[Problem]
+) -> tuple[list[TrainSample], dict[str, float], dict[str, float]]:
+    params = SamplingParams(n=cfg.rollout.samples_per_prompt, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            max_new_tokens=cfg.rollout.max_new_tokens,
+                            stop_token_ids=driver.formatter.stop_token_ids,
+                            seed=cfg.launch.seed * 1_000_003 + step)  # fmt: skip
+    with timer("rollout"):
+        groups = generate_groups(driver.engine, driver.formatter, problems, params,
+                                 request_prefix=f"rollout/{step}")  # fmt: skip
+    with timer("reward"):
+        metrics = verify_groups(driver.pool, groups, score_truncated=cfg.reward.score_truncated)
+    samples = policy_samples(groups, cfg.algorithm)
+    metrics["tokens/rollout"] = float(sum(len(c.token_ids) for g in groups for c in g.completions))
+    if cfg.algorithm.uses_meta_experience:
+        outcome = driver.reflector.run(driver.engine, groups, step)
+        for phase, seconds in outcome.seconds.items():
+            timer.seconds[phase] = timer.seconds.get(phase, 0.0) + seconds
+        samples += outcome.samples
+        metrics.update(outcome.metrics)
+        metrics.update({f"tokens/{k}": float(v) for k, v in outcome.generated_tokens.items()})
+        records = outcome.records
+    else:
+        records = []
+    driver.store.append(records)  # after every generation call succeeded: retries write once
+    metrics["data/epoch"] = float(driver.sampler.epoch)
+    return samples, metrics, dict(timer.seconds)
+
+
+def _evaluate(
+    cfg: RunConfig, driver: DriverHandles, tracker: Tracker, step: int
+) -> dict[str, float]:
+    if not driver.benchmarks:
+        return {}
+    spec = EvalSpec(k=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature,
+                    max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
+                    seed=cfg.launch.seed)  # fmt: skip
+    results = evaluate(driver.engine, driver.formatter, driver.pool, driver.benchmarks, spec,
+                       tag=f"eval/{step}")  # fmt: skip
+    table = markdown_table(results)
+    path = f"{cfg.launch.run_dir}/eval_step_{step:06d}.md"
+    with open(path, "w") as handle:
+        handle.write(table + "\n")
+    tracker.log_artifact(path, "eval")
+    print(table, flush=True)
+    return {k: v for r in results for k, v in r.metrics().items()}
+
+
+def _restore_driver(driver: DriverHandles, state: TrainerState, checkpoint: Path) -> None:
+    driver.sampler.load_state_dict(state.sampler)
+    driver.store.restore_from(checkpoint)

@@ -1,0 +1,179 @@
+"""The verbs of a training step that are not the actor's: verify, build samples, time phases.
+
+The generation side of a step (rollout, verification, reflection, replay) runs on the driver
+rank (global rank 0), which owns the engine handle, the verifier pool and the tokenizer; its
+result reaches every rank through :func:`from_driver`. Training is collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from megatron_mel.algorithms.advantages import compute_advantages
+from megatron_mel.config import AlgorithmConfig
+from megatron_mel.data.packing import TrainSample
+from megatron_mel.rewards.verifier import RewardPool
+from megatron_mel.rollout.engine import EngineError
+from megatron_mel.rollout.groups import RolloutGroup
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def from_driver(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on global rank 0 and hand its (picklable) result to every rank.
+
+    An exception on the driver is re-raised on every rank with the driver's message, so the
+    job fails together instead of leaving the other ranks waiting in a collective.
+    """
+    holder: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            holder[0] = ("ok", fn())
+        except Exception as exc:  # shipped to every rank, re-raised below
+            holder[0] = ("error", exc)
+    dist.broadcast_object_list(holder, src=0)
+    status, value = holder[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def on_driver_checked(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on global rank 0 only (its result stays there: None elsewhere), then let every
+    rank know whether it failed, so a bad config on the driver stops all ranks at once."""
+    result: T | None = None
+    status: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            status[0] = exc
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise status[0]
+    return result
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a step (``time/<phase>`` metrics)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def with_retries(fn: Callable[[], T], retries: int, what: str) -> T:
+    """Call ``fn``; on an EngineError call it again, up to ``retries`` more times.
+
+    The phase is re-run whole with the same inputs and seeds, so a retried step produces what
+    an undisturbed one would have (an engine may return results it finished before failing).
+    """
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except EngineError as exc:
+            if attempt == retries:
+                raise
+            log.warning("%s failed (%s); retry %d of %d", what, exc, attempt + 1, retries)
+    raise AssertionError("unreachable")
+
+
+def verify_groups(
+    pool: RewardPool, groups: list[RolloutGroup], *, score_truncated: bool = False
+) -> dict[str, float]:
+    """Fill ``group.rewards``: 1 if the final answer verifies, else 0; truncated responses get
+    0 unless ``score_truncated``."""
+    items = [(text, g.problem.answer) for g in groups for text in g.texts]
+    scores = iter(pool.score(items))
+    for group in groups:
+        # One score per completion, consumed in order; a truncated response scores 0 (MEL.md).
+        group.rewards = [
+            0.0 if completion.truncated and not score_truncated else score
+            for completion, score in zip(group.completions, scores)
+        ]
+    flat = [r for g in groups for r in g.rewards]
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    truncated = [c.truncated for g in groups for c in g.completions]
+    return {
+        "reward/mean": sum(flat) / len(flat),
+        "rollout/response_length": sum(lengths) / len(lengths),
+        "rollout/truncation_rate": sum(truncated) / len(truncated),
+        **pool.metrics(),
+    }
+
+
+def policy_samples(groups: list[RolloutGroup], algorithm: AlgorithmConfig) -> list[TrainSample]:
+    """The rollout responses as training samples for ``algorithm.name``.
+
+    grpo / mel / reinforce_pp: every response is a PG sample with its outcome advantage.
+    rft: correct responses only, trained with NLL (rejection-sampling fine-tuning).
+    Behaviour log-probs come from the engine; the loop may replace them by the trainer's.
+    """
+    if algorithm.name == "rft":
+        samples = []
+        for group in groups:
+            positives = [i for i, r in enumerate(group.rewards) if r > 0]
+            for i in positives:
+                samples.append(_sample(group, i, term="rft", group_size=len(positives)))
+        return samples
+    estimator = algorithm.advantage or (
+        "reinforce_pp" if algorithm.name == "reinforce_pp" else "grpo"
+    )
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
+    lengths = torch.tensor([[len(c.token_ids) for c in g.completions] for g in groups])
+    advantages = compute_advantages(
+        estimator, rewards, num_tokens=lengths, std_normalize=algorithm.std_normalize
+    )
+    return [
+        _sample(group, i, term="pg", advantage=float(advantages[g, i]))
+        for g, group in enumerate(groups)
+        for i in range(len(group.completions))
+    ]
+
+
+def _sample(
+    group: RolloutGroup, index: int, *, term: str, advantage: float = 0.0, group_size: int = 1
+) -> TrainSample:
+    completion = group.completions[index]
+    return TrainSample(
+        tokens=group.prompt_ids + completion.token_ids,
+        num_context=len(group.prompt_ids),
+        term=term,
+        advantage=advantage,
+        old_logprobs=list(completion.logprobs),
+        group_size=group_size,
+        prompt_id=group.problem.id,
+    )
+
+
+def logprob_mismatch(samples: list[TrainSample], trainer: list[list[float]]) -> dict[str, float]:
+    """Mean and max |engine - trainer| log-prob over target tokens (rollout/train consistency)."""
+    diffs = [
+        abs(a - b)
+        for sample, recomputed in zip(samples, trainer)
+        for a, b in zip(sample.old_logprobs or [], recomputed)
+    ]
+    if not diffs:
+        return {"rollout/train_logprob_abs_diff": 0.0, "rollout/train_logprob_max_diff": 0.0}
+    return {
+        "rollout/train_logprob_abs_diff": sum(diffs) / len(diffs),
+        "rollout/train_logprob_max_diff": max(diffs),
+    }
