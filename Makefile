@@ -37,12 +37,15 @@ assets: setup
 test: setup assets
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# A fresh run directory per demo (an existing one would be resumed, not rerun).
+DEMO_RUN ?= runs/tiny_cpu-$(shell date +%Y%m%d-%H%M%S)
+
 demo: setup assets
-	@echo "make demo: the MEL training loop lands with issue 5; until then this runs the"
-	@echo "parity check of the embedded default model (SmolLM2-135M-Instruct) vs transformers."
-	$(VENV)/bin/megatron-mel parity --tp 1 --pp 1
-	$(VENV)/bin/megatron-mel parity --tp 1 --pp 2
-	$(VENV)/bin/megatron-mel parity --tp 3 --pp 1
+	@echo "make demo: MEL training of SmolLM2-135M-Instruct on CPU (examples/tiny_cpu.yaml) -> $(DEMO_RUN)"
+	$(VENV)/bin/megatron-mel train examples/tiny_cpu.yaml --set launch.run_dir=$(DEMO_RUN)
+	@echo "Metrics per step: $(DEMO_RUN)/metrics.jsonl; meta-experiences: $(DEMO_RUN)/meta_experiences.jsonl"
+	@echo "MLflow UI (the UI server is not in mlflow-skinny):  pip install mlflow && \\"
+	@echo "  mlflow ui --backend-store-uri sqlite:///$(abspath $(DEMO_RUN))/mlflow.db"
 
 lint: setup
 	$(VENV)/bin/ruff format --check .

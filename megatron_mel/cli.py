@@ -87,10 +87,16 @@ def _train(argv: list[str]) -> int:
     args = _recipe_args("train", argv)
     cfg = load_config(args.recipe, args.overrides)
     arch = load_arch(cfg.model.hf_dir)
-    world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
-    if not already_launched():
-        validate_layout(cfg.parallel, num_layers=arch.num_layers, num_heads=arch.num_heads,
-                        num_kv_heads=arch.num_kv_heads, world_size=world)  # fmt: skip
+    from megatron_mel.platform import launcher_env
+
+    # Under torchrun/srun the launcher decides the world size (DP is inferred from it);
+    # started plainly, we spawn TP x PP x DP local ranks.
+    if already_launched():
+        world = launcher_env()[1]
+    else:
+        world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
+    validate_layout(cfg.parallel, num_layers=arch.num_layers, num_heads=arch.num_heads,
+                    num_kv_heads=arch.num_kv_heads, world_size=world)  # fmt: skip
     load_datasets(cfg)  # a bad record fails here, naming file:line and key
     from megatron_mel.hooks import RewardFn, load_hook
 

@@ -21,6 +21,10 @@ _KNOWN_NOISE = (
     r"torch\.distributed is disabled, unavailable or uninitialized",
     r"The argument order of load has been changed",
     r"Please use DTensor instead and we are deprecating ShardedTensor",
+    # torch deprecations hit inside megatron-core's own collectives and DDP hooks
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )
 _NOISY_LOGGERS = ("megatron.core.models.gpt.gpt_model",)
 # Megatron DDP asks callers to precompute a layout it then computes itself; nothing to act on.

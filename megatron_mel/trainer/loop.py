@@ -99,7 +99,10 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
         driver.close()
         platform.destroy_distributed()
     if ctx.is_main and tracker.tracking_uri:
-        print(f"MLflow run {tracker.run_id}: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+        print(
+            f"MLflow run {tracker.run_id} in {tracker.tracking_uri}; to browse it: "
+            f"mlflow ui --backend-store-uri {tracker.tracking_uri} (needs the full `mlflow`)"
+        )
 
 
 def _train_step(
