@@ -23,7 +23,7 @@ def _parity(argv: list[str]) -> int:
     parser.add_argument("--tolerance", type=float, default=None)
     args = parser.parse_args(argv)
 
-    from megatron_mel.config import ParallelConfig, validate_layout
+    from megatron_mel.config import ParallelConfig
     from megatron_mel.convert.cli import DEFAULT_TOLERANCE
     from megatron_mel.convert.verify import run_parity
     from megatron_mel.launch import WorkerFailed, run_workers
@@ -35,13 +35,7 @@ def _parity(argv: list[str]) -> int:
 
         hf_dir = str(prepare_assets().model_dir)
     arch = load_arch(hf_dir)
-    validate_layout(
-        ParallelConfig(tp=args.tp, pp=args.pp),
-        num_layers=arch.num_layers,
-        num_heads=arch.num_heads,
-        num_kv_heads=arch.num_kv_heads,
-        world_size=args.tp * args.pp,
-    )
+    arch.validate_layout(ParallelConfig(tp=args.tp, pp=args.pp), args.tp * args.pp)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
     try:
         run_workers(run_parity, args.tp * args.pp, hf_dir, args.tp, args.pp, args.dtype, tolerance)
@@ -78,7 +72,7 @@ def _train(argv: list[str]) -> int:
     """Validate everything cheap in this process, then run on TP x PP x DP ranks."""
     from pathlib import Path
 
-    from megatron_mel.config import load_config, validate_layout
+    from megatron_mel.config import load_config
     from megatron_mel.launch import WorkerFailed, already_launched, run_workers
     from megatron_mel.models.arch import load_arch
     from megatron_mel.trainer.build import load_datasets
@@ -95,8 +89,7 @@ def _train(argv: list[str]) -> int:
         world = launcher_env()[1]
     else:
         world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
-    validate_layout(cfg.parallel, num_layers=arch.num_layers, num_heads=arch.num_heads,
-                    num_kv_heads=arch.num_kv_heads, world_size=world)  # fmt: skip
+    arch.validate_layout(cfg.parallel, world)
     load_datasets(cfg)  # a bad record fails here, naming file:line and key
     from megatron_mel.hooks import RewardFn, load_hook
 

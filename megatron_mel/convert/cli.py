@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_mel.config import ConfigError, ModelConfig, ParallelConfig, validate_layout
+from megatron_mel.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mel.models.arch import ModelArch, load_arch
 
 DEFAULT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -66,13 +66,7 @@ def plan_job(args: argparse.Namespace) -> tuple[ConvertJob, ModelArch]:
                 f"{hf_dir}: no config.json to copy into the HF export; pass --hf-config-from"
             )
         mcore_dir = args.mcore_dir
-    validate_layout(
-        ParallelConfig(tp=args.tp, pp=args.pp),
-        num_layers=arch.num_layers,
-        num_heads=arch.num_heads,
-        num_kv_heads=arch.num_kv_heads,
-        world_size=args.tp * args.pp,
-    )
+    arch.validate_layout(ParallelConfig(tp=args.tp, pp=args.pp), args.tp * args.pp)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[dtype]
     job = ConvertJob(
         direction=args.direction,
@@ -129,26 +123,12 @@ def run_job(job: ConvertJob, arch: ModelArch) -> None:
 
 def _verify(chunks: list, arch: ModelArch, hf_dir: str, job: ConvertJob) -> None:
     """Compare Megatron and transformers logits on fixed inputs (collective)."""
-    import torch.distributed as dist
 
-    from megatron_mel.convert.verify import check_parity
+    from megatron_mel.convert.verify import check_parity, stop_unless_parity
     from megatron_mel.models.gpt import DTYPES
 
     report = check_parity(chunks, arch, hf_dir, DTYPES[job.dtype])
-    failed = False
-    if report is not None:
-        failed = not report.ok(job.tolerance)
-        print(
-            f"verify: max abs logit diff megatron vs transformers = "
-            f"{report.batch_max_abs_diff:.3e} (batch), {report.packed_max_abs_diff:.3e} "
-            f"(THD pack) | max |logit| {report.logit_scale:.2f} | tp={job.tp} pp={job.pp} "
-            f"dtype={job.dtype} tolerance={job.tolerance:g} {'FAIL' if failed else 'OK'}",
-            flush=True,
-        )
-    flag = [failed]
-    dist.broadcast_object_list(flag, src=0)
-    if flag[0]:
-        raise SystemExit(1)
+    stop_unless_parity(report, job.tolerance, f"verify: tp={job.tp} pp={job.pp} dtype={job.dtype}:")
 
 
 def _say(message: str) -> None:

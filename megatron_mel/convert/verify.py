@@ -86,6 +86,26 @@ def check_parity(
     )
 
 
+def stop_unless_parity(report: ParityReport | None, tolerance: float, header: str) -> None:
+    """Print the report on rank 0 after ``header``; exit 1 on every rank if it failed.
+
+    Collective: every rank calls it (``report`` is None except on global rank 0).
+    """
+    failed = report is not None and not report.ok(tolerance)
+    if report is not None:
+        print(
+            f"{header} max abs logit diff vs transformers {report.batch_max_abs_diff:.3e} "
+            f"(batch {BATCH_SHAPE[0]}x{BATCH_SHAPE[1]}), {report.packed_max_abs_diff:.3e} "
+            f"(THD pack of {len(PACKED_LENGTHS)}); max |logit| {report.logit_scale:.2f}; "
+            f"tolerance {tolerance:g} (pack: + 1e-5 x max |logit|) {'FAIL' if failed else 'OK'}",
+            flush=True,
+        )
+    flag = [failed]
+    dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise SystemExit(1)
+
+
 def run_parity(hf_dir: str, tp: int, pp: int, dtype_name: str, tolerance: float) -> None:
     """Worker body of ``megatron-mel parity``: load HF weights at (tp, pp) and compare logits.
 
@@ -107,22 +127,11 @@ def run_parity(hf_dir: str, tp: int, pp: int, dtype_name: str, tolerance: float)
             chunks, hf_dir, arch, arch.padded_vocab_size(model_cfg.vocab_padding_multiple)
         )
         report = check_parity(chunks, arch, hf_dir, DTYPES[dtype_name])
-        failed = report is not None and not report.ok(tolerance)
-        if report is not None:
-            print(
-                f"parity {arch.family} ({arch.num_layers} layers, {arch.num_heads}/"
-                f"{arch.num_kv_heads} heads) tp={tp} pp={pp} dp={ctx.dp_size} {dtype_name} "
-                f"attention={attention_backend(model_cfg)}: max abs logit diff vs transformers "
-                f"{report.batch_max_abs_diff:.3e} (batch {BATCH_SHAPE[0]}x{BATCH_SHAPE[1]}), "
-                f"{report.packed_max_abs_diff:.3e} (THD pack of {len(PACKED_LENGTHS)}); "
-                f"max |logit| {report.logit_scale:.2f}; tolerance {tolerance:g} "
-                f"(pack: + 1e-5 x max |logit|) "
-                f"{'FAIL' if failed else 'OK'}",
-                flush=True,
-            )
-        flag = [failed]
-        dist.broadcast_object_list(flag, src=0)
-        if flag[0]:
-            raise SystemExit(1)
+        header = (
+            f"parity {arch.family} ({arch.num_layers} layers, {arch.num_heads}/"
+            f"{arch.num_kv_heads} heads) tp={tp} pp={pp} dp={ctx.dp_size} {dtype_name} "
+            f"attention={attention_backend(model_cfg)}:"
+        )
+        stop_unless_parity(report, tolerance, header)
     finally:
         platform.destroy_distributed()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_mel.config import ConfigError, read_hf_config
+from megatron_mel.config import ConfigError, ParallelConfig, read_hf_config, validate_layout
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -57,6 +57,16 @@ class ModelArch:
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def validate_layout(self, parallel: ParallelConfig, world_size: int) -> int:
+        """Check TP/PP/DP for this model on ``world_size`` ranks; return the DP size."""
+        return validate_layout(
+            parallel,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            world_size=world_size,
+        )
 
     def padded_vocab_size(self, multiple: int) -> int:
         """Embedding rows after padding to ``multiple`` (see ModelConfig.vocab_padding_multiple)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from megatron_mel import platform
 from megatron_mel.checkpoint import TrainerState
-from megatron_mel.config import RunConfig, dump_yaml, validate_layout
+from megatron_mel.config import RunConfig, dump_yaml
 from megatron_mel.data.datasets import Problem
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.models.arch import load_arch
@@ -42,8 +42,7 @@ PROGRESS = {"reward/mean": "reward", "mel/pairs": "pairs", "mel/kept": "kept",
 def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     """Run (or resume) training as described by ``cfg``; every rank calls this."""
     arch = load_arch(cfg.model.hf_dir)
-    validate_layout(cfg.parallel, num_layers=arch.num_layers, num_heads=arch.num_heads,
-                    num_kv_heads=arch.num_kv_heads, world_size=platform.launcher_env()[1])  # fmt: skip
+    arch.validate_layout(cfg.parallel, platform.launcher_env()[1])
     train_set, benchmarks = build.load_datasets(cfg)  # bad data fails before the model is built
     ctx = platform.init_distributed(cfg.parallel, seed=cfg.model.init_seed)
     actor = build.build_policy(cfg, arch)

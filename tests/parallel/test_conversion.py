@@ -78,7 +78,8 @@ def test_command_line_roundtrip_with_verify(tiny_models, tmp_path):
         "--tp", "2", "--pp", "1", "--verify",
     )  # fmt: skip
     assert to_mcore.returncode == 0, to_mcore.stderr[-3000:]
-    assert "verify: max abs logit diff" in to_mcore.stdout and "OK" in to_mcore.stdout
+    assert "verify: tp=2 pp=1 dtype=float32: max abs logit diff" in to_mcore.stdout
+    assert "OK" in to_mcore.stdout
     to_hf = _tool(
         "mcore-to-hf", "--mcore-dir", str(tmp_path / "m"), "--out-dir", str(tmp_path / "h"),
         "--tp", "1", "--pp", "2", "--verify",
