@@ -54,8 +54,11 @@ class CombinedPolicyLoss(LossFunction):
         batch: TrainMicroBatch,
         tp_group: dist.ProcessGroup | None,
     ) -> tuple[Tensor, dict[str, Any]]:
-        if self.params.kl_coef and batch.ref_logprobs is None:
-            raise ValueError("kl_coef > 0 but the micro-batch carries no reference log-probs")
+        kl_coef = self.params.kl_coef
+        if kl_coef and batch.ref_logprobs is None:
+            if bool((batch.loss_type == PG).any()):
+                raise ValueError("kl_coef > 0 but the micro-batch carries no reference log-probs")
+            kl_coef = 0.0  # the KL term only applies to PG tokens, and this pack has none
         out = fused_combined_loss(
             hidden,
             weight,
@@ -67,7 +70,7 @@ class CombinedPolicyLoss(LossFunction):
             clip_low=self.params.clip_low,
             clip_high=self.params.clip_high,
             dual_clip=self.params.dual_clip,
-            kl_coef=self.params.kl_coef,
+            kl_coef=kl_coef,
             kl_type=self.params.kl_type,
             ref_logprobs=batch.ref_logprobs,
             entropy_coef=self.params.entropy_coef,

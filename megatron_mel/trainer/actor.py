@@ -115,88 +115,26 @@ def _finalize_summed_grads(model: Any, num_tokens: Any = None, **kwargs: Any) ->
     finalize_model_grads(model, None, **kwargs)
 
 
-class Actor:
-    """Training and log-prob computation on the policy's Megatron chunks (see module doc)."""
+class PolicyRunner:
+    """Forward passes of model chunks over packed samples: log-probs of target tokens.
+
+    The reference policy of a KL term is one (frozen, unwrapped chunks); the Actor is one that
+    also trains.
+    """
 
     def __init__(
         self,
-        wrapped: list[DDP],
-        optimizer: Any,
-        scheduler: OptimizerParamScheduler,
-        loss_fn: LossFunction,
-        aggregation: AggregationSpec,
-        settings: ActorSettings,
+        chunks: list[torch.nn.Module],
+        parallel: ParallelConfig,
+        micro_batch_tokens: int,
+        loss_fn: LossFunction | None = None,
     ) -> None:
-        self.chunks = wrapped
-        self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.chunks = chunks
         self.loss_fn = loss_fn
-        self.aggregation = aggregation
-        self.settings = settings
-        self.device = next(wrapped[0].parameters()).device
-        config = unwrap(wrapped[0]).config
-        config.finalize_model_grads_func = _finalize_summed_grads
-        config.grad_scale_func = optimizer.scale_loss
-        no_sync = [chunk.no_sync for chunk in wrapped]
-        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        self.sequence_parallel = settings.parallel.sequence_parallel
-        self.pad_multiple = settings.parallel.tp if self.sequence_parallel else 1
-
-    # -- training -------------------------------------------------------------------------
-
-    def forward_backward(
-        self,
-        samples: Sequence[TrainSample],
-        *,
-        step: int,
-        num_prompts: int,
-        micro_batch_tokens: int | None = None,
-    ) -> dict[str, float]:
-        """Zero gradients, then accumulate the gradient of the global-batch loss.
-
-        ``samples`` is the whole global batch, identical on every rank. Raises
-        NonFiniteLossError on every rank if any micro-batch's loss is not finite.
-        """
-        spec = AggregationSpec(
-            pg_mode=self.aggregation.pg_mode,
-            nll_mode=self.aggregation.nll_mode,
-            nll_coef=self.aggregation.nll_coef,
-            sum_norm_length=self.aggregation.sum_norm_length,
-            num_prompts=num_prompts,
-        )
-        local = shard_for_data_parallel(
-            samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        )
-        assign_token_weights(local, spec, ps.get_data_parallel_group())
-        micro_batches = self._pack(local, micro_batch_tokens)
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        records = self._run_schedule(micro_batches, forward_only=False)
-        self._check_finite(records, step)
-        return self._reduce_metrics(records)
-
-    def train_step(
-        self,
-        samples: Sequence[TrainSample],
-        *,
-        step: int,
-        num_prompts: int,
-        micro_batch_tokens: int | None = None,
-    ) -> dict[str, float]:
-        """One optimizer step on the global batch ``samples``; returns the step's metrics."""
-        for chunk in self.chunks:
-            chunk.train()
-        metrics = self.forward_backward(
-            samples, step=step, num_prompts=num_prompts, micro_batch_tokens=micro_batch_tokens
-        )
-        update_ok, grad_norm, _ = self.optimizer.step()
-        if not update_ok:
-            raise NonFiniteLossError(f"step {step}: optimizer skipped the update (inf/nan grads)")
-        self.scheduler.step(increment=1)
-        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
-        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        return metrics
+        self.micro_batch_tokens = micro_batch_tokens
+        self.device = next(chunks[0].parameters()).device
+        self.sequence_parallel = parallel.sequence_parallel
+        self.pad_multiple = parallel.tp if self.sequence_parallel else 1
 
     # -- log-probs --------------------------------------------------------------------------
 
@@ -236,7 +174,7 @@ class Actor:
             # give it one ignored padding sequence.
             batches = [_padding_micro_batch(max(1, self.pad_multiple))]
         else:
-            budget = max_tokens or self.settings.optim.micro_batch_tokens
+            budget = max_tokens or self.micro_batch_tokens
             batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple)
         for index, batch in enumerate(batches):
             batch.index = index
@@ -312,6 +250,86 @@ class Actor:
             per_sample[sample_id] = logprobs[start:end][targets[start:end]].tolist()
         record["logprobs"] = per_sample
         return out.loss
+
+
+class Actor(PolicyRunner):
+    """Training and log-prob computation on the policy's Megatron chunks (see module doc)."""
+
+    def __init__(
+        self,
+        wrapped: list[DDP],
+        optimizer: Any,
+        scheduler: OptimizerParamScheduler,
+        loss_fn: LossFunction,
+        aggregation: AggregationSpec,
+        settings: ActorSettings,
+    ) -> None:
+        super().__init__(wrapped, settings.parallel, settings.optim.micro_batch_tokens, loss_fn)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.aggregation = aggregation
+        self.settings = settings
+        config = unwrap(wrapped[0]).config
+        config.finalize_model_grads_func = _finalize_summed_grads
+        config.grad_scale_func = optimizer.scale_loss
+        no_sync = [chunk.no_sync for chunk in wrapped]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    # -- training -------------------------------------------------------------------------
+
+    def forward_backward(
+        self,
+        samples: Sequence[TrainSample],
+        *,
+        step: int,
+        num_prompts: int,
+        micro_batch_tokens: int | None = None,
+    ) -> dict[str, float]:
+        """Zero gradients, then accumulate the gradient of the global-batch loss.
+
+        ``samples`` is the whole global batch, identical on every rank. Raises
+        NonFiniteLossError on every rank if any micro-batch's loss is not finite.
+        """
+        spec = AggregationSpec(
+            pg_mode=self.aggregation.pg_mode,
+            nll_mode=self.aggregation.nll_mode,
+            nll_coef=self.aggregation.nll_coef,
+            sum_norm_length=self.aggregation.sum_norm_length,
+            num_prompts=num_prompts,
+        )
+        local = shard_for_data_parallel(
+            samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        )
+        assign_token_weights(local, spec, ps.get_data_parallel_group())
+        micro_batches = self._pack(local, micro_batch_tokens)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        records = self._run_schedule(micro_batches, forward_only=False)
+        self._check_finite(records, step)
+        return self._reduce_metrics(records)
+
+    def train_step(
+        self,
+        samples: Sequence[TrainSample],
+        *,
+        step: int,
+        num_prompts: int,
+        micro_batch_tokens: int | None = None,
+    ) -> dict[str, float]:
+        """One optimizer step on the global batch ``samples``; returns the step's metrics."""
+        for chunk in self.chunks:
+            chunk.train()
+        metrics = self.forward_backward(
+            samples, step=step, num_prompts=num_prompts, micro_batch_tokens=micro_batch_tokens
+        )
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise NonFiniteLossError(f"step {step}: optimizer skipped the update (inf/nan grads)")
+        self.scheduler.step(increment=1)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return metrics
 
     def _check_finite(self, records: list[dict[str, Any]], step: int) -> None:
         bad = next(

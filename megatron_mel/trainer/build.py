@@ -33,7 +33,7 @@ from megatron_mel.rollout.weight_sync import (
     WeightTransport,
 )
 from megatron_mel.tracking import Tracker
-from megatron_mel.trainer.actor import Actor, ActorSettings, build_actor
+from megatron_mel.trainer.actor import Actor, ActorSettings, PolicyRunner, build_actor
 
 
 @dataclass
@@ -77,6 +77,22 @@ def build_policy(cfg: RunConfig, arch: ModelArch) -> Actor:
     settings = ActorSettings(parallel=cfg.parallel, optim=cfg.optim,
                              num_steps=cfg.trainer.num_steps, dtype=DTYPES[cfg.model.dtype])  # fmt: skip
     return build_actor(chunks, settings, cfg.algorithm, response_budget=cfg.rollout.max_new_tokens)
+
+
+def build_reference(cfg: RunConfig, arch: ModelArch) -> PolicyRunner | None:
+    """The frozen reference policy of a KL term (collective), or None without one.
+
+    It holds the initial weights in the same TP/PP layout as the actor: a second model copy,
+    which is why the KL term is off by default (and in the paper).
+    """
+    if not cfg.algorithm.kl_coef:
+        return None
+    chunks = build_model_chunks(arch, cfg.model, cfg.parallel)
+    load_hf_weights(chunks, cfg.model.hf_dir, arch,
+                    arch.padded_vocab_size(cfg.model.vocab_padding_multiple))  # fmt: skip
+    for chunk in chunks:
+        chunk.requires_grad_(False)
+    return PolicyRunner(chunks, cfg.parallel, cfg.optim.micro_batch_tokens)
 
 
 def build_engine(cfg: RunConfig, arch: ModelArch) -> RolloutEngine:

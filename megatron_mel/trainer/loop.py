@@ -21,7 +21,7 @@ from megatron_mel.rollout.engine import SamplingParams
 from megatron_mel.rollout.groups import generate_groups
 from megatron_mel.tracking import Tracker
 from megatron_mel.trainer import build
-from megatron_mel.trainer.actor import Actor
+from megatron_mel.trainer.actor import Actor, PolicyRunner
 from megatron_mel.trainer.build import DriverHandles
 from megatron_mel.trainer.evaluation import EvalSpec, evaluate, markdown_table
 from megatron_mel.trainer.phases import (
@@ -46,6 +46,7 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     train_set, benchmarks = build.load_datasets(cfg)  # bad data fails before the model is built
     ctx = platform.init_distributed(cfg.parallel, seed=cfg.model.init_seed)
     actor = build.build_policy(cfg, arch)
+    reference = build.build_reference(cfg, arch)
     driver = on_driver_checked(lambda: build.build_driver(cfg, arch, train_set, benchmarks))
     driver = driver or DriverHandles()
     sync = build.build_sync(cfg, actor, arch, driver.engine)
@@ -68,7 +69,7 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     status = "FAILED"
     try:
         for step in range(state.step + 1, cfg.trainer.num_steps + 1):
-            metrics = _train_step(cfg, step, actor, driver, state.weight_version)
+            metrics = _train_step(cfg, step, actor, reference, driver, state.weight_version)
             synced = sync.sync(version=state.weight_version + 1)
             state.weight_version, state.step = synced.version, step
             metrics.update(synced.as_dict())
@@ -105,7 +106,12 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
 
 
 def _train_step(
-    cfg: RunConfig, step: int, actor: Actor, driver: DriverHandles, version: int
+    cfg: RunConfig,
+    step: int,
+    actor: Actor,
+    reference: PolicyRunner | None,
+    driver: DriverHandles,
+    version: int,
 ) -> dict[str, float]:
     """One MEL cycle up to the optimizer step; returns its metrics (same on every rank)."""
     timer = PhaseTimer()
@@ -118,6 +124,11 @@ def _train_step(
     if cfg.algorithm.recompute_old_logprobs:
         for sample, values in zip(responses, recomputed):
             sample.old_logprobs = values
+    if reference is not None:
+        pg = [s for s in samples if s.term == "pg"]
+        with timer("reference"):
+            for sample, values in zip(pg, reference.compute_logprobs(pg)):
+                sample.ref_logprobs = values
     with timer("train"):
         train = actor.train_step(samples, step=step, num_prompts=cfg.rollout.prompts_per_step)
     metrics.update({f"train/{k}": v for k, v in train.items()})

@@ -36,6 +36,32 @@ def runs(micro_policy, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def other_algorithms(micro_policy, tmp_path_factory):
+    """RFT, and REINFORCE++ with a KL term to the frozen reference, pipelined over 2 ranks."""
+    out = {}
+    for name, extra in (("rft", ["parallel.pp=2"]),
+                        ("reinforce_pp", ["parallel.pp=2", "algorithm.kl_coef=0.05",
+                                          "algorithm.meta_experience=true"])):  # fmt: skip
+        run_dir = tmp_path_factory.mktemp(name)
+        run_train(run_dir, micro_policy, f"algorithm.name={name}", "trainer.num_steps=2",
+                  "trainer.eval_every=0", *extra)  # fmt: skip
+        out[name] = _metrics(run_dir)
+    return out
+
+
+def test_rft_trains_nll_on_correct_responses_only(other_algorithms):
+    for metrics in other_algorithms["rft"]:
+        assert metrics["train/pg_tokens"] == 0 and metrics["train/nll_tokens"] > 0
+        assert "mel/pairs" not in metrics
+
+
+def test_reinforce_pp_with_kl_and_meta_experience(other_algorithms):
+    for metrics in other_algorithms["reinforce_pp"]:
+        assert metrics["train/pg_tokens"] > 0 and metrics["time/reference"] > 0
+        assert metrics["mel/pairs"] > 0  # the meta-experience term switched on for REINFORCE++
+
+
 def test_mel_logs_every_metric_every_step(runs):
     run_dir, stdout = runs["mel"]
     steps = _metrics(run_dir)
