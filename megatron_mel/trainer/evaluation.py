@@ -23,6 +23,8 @@ class EvalSpec:
     temperature: float = 0.6
     max_new_tokens: int = 4096
     seed: int = 0
+    score_truncated: bool = False
+    """As reward.score_truncated: otherwise a response cut by the budget counts as wrong."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +89,8 @@ def evaluate(
         many = generate_groups(
             engine, formatter, problems, sampled, request_prefix=f"{tag}/{name}/s"
         )
-        greedy_scores = _scores(pool, first)
-        sampled_scores = _scores(pool, many)
+        greedy_scores = _scores(pool, first, spec.score_truncated)
+        sampled_scores = _scores(pool, many, spec.score_truncated)
         results.append(
             BenchmarkResult(
                 name=name,
@@ -102,13 +104,15 @@ def evaluate(
     return results
 
 
-def _scores(pool: RewardPool, groups: list) -> list[list[float]]:
+def _scores(pool: RewardPool, groups: list, score_truncated: bool) -> list[list[float]]:
     items = [(t, g.problem.answer) for g in groups for t in g.texts]
     flat = iter(pool.score(items))
     out = []
     for group in groups:
         # Consume every score (one per completion); truncated completions count as wrong.
-        out.append([s * (not c.truncated) for c, s in zip(group.completions, flat)])
+        out.append(
+            [s * (score_truncated or not c.truncated) for c, s in zip(group.completions, flat)]
+        )
     return out
 
 

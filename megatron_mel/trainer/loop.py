@@ -189,7 +189,7 @@ def _evaluate(
         return {}
     spec = EvalSpec(k=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature,
                     max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
-                    seed=cfg.launch.seed)  # fmt: skip
+                    seed=cfg.launch.seed, score_truncated=cfg.reward.score_truncated)  # fmt: skip
     results = evaluate(driver.engine, driver.formatter, driver.pool, driver.benchmarks, spec,
                        tag=f"eval/{step}")  # fmt: skip
     table = markdown_table(results)
