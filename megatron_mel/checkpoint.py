@@ -29,14 +29,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_mel.config import CheckpointConfig
-from megatron_mel.convert import hf_io
 from megatron_mel.convert.checkpoint import unwrap
-from megatron_mel.convert.metadata import (
-    FORMAT_VERSION,
-    HF_META_SUBDIR,
-    MCORE_SUBDIR,
-    METADATA_NAME,
-)
+from megatron_mel.convert.metadata import MCORE_SUBDIR, write_model_metadata
 
 STATE_NAME = "trainer_state.json"
 LATEST = "latest"
@@ -164,9 +158,7 @@ class Checkpointer:
         if rank == 0:
             state.scheduler = actor.scheduler.state_dict()
             (tmp / STATE_NAME).write_text(json.dumps(asdict(state), indent=1) + "\n")
-            meta = {"format_version": FORMAT_VERSION, **self.model_meta}
-            (tmp / METADATA_NAME).write_text(json.dumps(meta, indent=1) + "\n")
-            hf_io.copy_metadata_files(self.hf_dir, tmp / HF_META_SUBDIR)
+            write_model_metadata(tmp, **self.model_meta, hf_files_from=self.hf_dir)
             store.save_to(tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

@@ -16,7 +16,6 @@ All functions here are collective: every rank of the job calls them with its own
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,10 @@ from megatron_mel.config import ConfigError
 from megatron_mel.convert import hf_io
 from megatron_mel.convert.mapping import MappingError, ParamMapping, map_param
 from megatron_mel.convert.metadata import (
-    FORMAT_VERSION,
-    HF_META_SUBDIR,
     MCORE_SUBDIR,
     METADATA_NAME,
     read_mcore_metadata,
+    write_model_metadata,
 )
 from megatron_mel.models.arch import ModelArch
 
@@ -167,19 +165,15 @@ def save_mcore(
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(chunks), str(root / MCORE_SUBDIR))
     if dist.get_rank() == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "hf_config": hf_config,
-            "dtype": str(dtype).removeprefix("torch."),
-            "padded_vocab_size": padded_vocab,
-            "saved_layout": {
-                "tp": ps.get_tensor_model_parallel_world_size(),
-                "pp": ps.get_pipeline_model_parallel_world_size(),
-            },
-        }
-        (root / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if hf_metadata_from is not None:
-            hf_io.copy_metadata_files(hf_metadata_from, root / HF_META_SUBDIR)
+        write_model_metadata(
+            root,
+            hf_config=hf_config,
+            dtype=str(dtype).removeprefix("torch."),
+            padded_vocab_size=padded_vocab,
+            tp=ps.get_tensor_model_parallel_world_size(),
+            pp=ps.get_pipeline_model_parallel_world_size(),
+            hf_files_from=hf_metadata_from,
+        )
     dist.barrier()
 
 

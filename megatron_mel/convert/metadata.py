@@ -20,6 +20,34 @@ HF_META_SUBDIR = "hf"
 FORMAT_VERSION = 1
 
 
+def write_model_metadata(
+    root: str | Path,
+    *,
+    hf_config: dict[str, Any],
+    dtype: str,
+    padded_vocab_size: int,
+    tp: int,
+    pp: int,
+    hf_files_from: str | Path | None,
+) -> None:
+    """Write ``mel_model.json`` (and the ``hf/`` files) of a checkpoint directory; rank 0 only.
+
+    Both the conversion tool and training checkpoints write it, so either converts back to HF.
+    """
+    from megatron_mel.convert.hf_io import copy_metadata_files
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "hf_config": hf_config,
+        "dtype": dtype,
+        "padded_vocab_size": padded_vocab_size,
+        "saved_layout": {"tp": tp, "pp": pp},
+    }
+    (Path(root) / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    if hf_files_from is not None:
+        copy_metadata_files(hf_files_from, Path(root) / HF_META_SUBDIR)
+
+
 def read_mcore_metadata(ckpt_dir: str | Path) -> dict[str, Any]:
     """The ``mel_model.json`` of a checkpoint, with clear errors for a wrong directory."""
     root = Path(ckpt_dir)

@@ -191,11 +191,12 @@ def build_tracker(cfg: RunConfig, *, resume_run_id: str | None, recipe_name: str
 
 
 def build_checkpointer(cfg: RunConfig, arch: ModelArch) -> Checkpointer:
-    meta = {
+    meta = {  # keyword arguments of convert.metadata.write_model_metadata
         "hf_config": read_hf_config(cfg.model.hf_dir),
         "dtype": cfg.model.dtype,
         "padded_vocab_size": arch.padded_vocab_size(cfg.model.vocab_padding_multiple),
-        "saved_layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
     }
     return Checkpointer(cfg.checkpoint, cfg.launch.run_dir, num_steps=cfg.trainer.num_steps,
                         model_meta=meta, hf_dir=cfg.model.hf_dir)  # fmt: skip
