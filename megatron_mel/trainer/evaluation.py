@@ -15,6 +15,7 @@ from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.rewards.verifier import RewardPool
 from megatron_mel.rollout.engine import RolloutEngine, SamplingParams
 from megatron_mel.rollout.groups import generate_groups
+from megatron_mel.trainer.phases import score_groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +90,8 @@ def evaluate(
         many = generate_groups(
             engine, formatter, problems, sampled, request_prefix=f"{tag}/{name}/s"
         )
-        greedy_scores = _scores(pool, first, spec.score_truncated)
-        sampled_scores = _scores(pool, many, spec.score_truncated)
+        greedy_scores = score_groups(pool, first, score_truncated=spec.score_truncated)
+        sampled_scores = score_groups(pool, many, score_truncated=spec.score_truncated)
         results.append(
             BenchmarkResult(
                 name=name,
@@ -102,18 +103,6 @@ def evaluate(
             )
         )
     return results
-
-
-def _scores(pool: RewardPool, groups: list, score_truncated: bool) -> list[list[float]]:
-    items = [(t, g.problem.answer) for g in groups for t in g.texts]
-    flat = iter(pool.score(items))
-    out = []
-    for group in groups:
-        # Consume every score (one per completion); truncated completions count as wrong.
-        out.append(
-            [s * (score_truncated or not c.truncated) for c, s in zip(group.completions, flat)]
-        )
-    return out
 
 
 def markdown_table(results: list[BenchmarkResult]) -> str:

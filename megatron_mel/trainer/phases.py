@@ -96,19 +96,26 @@ def with_retries(fn: Callable[[], T], retries: int, what: str) -> T:
     raise AssertionError("unreachable")
 
 
+def score_groups(
+    pool: RewardPool, groups: list[RolloutGroup], *, score_truncated: bool = False
+) -> list[list[float]]:
+    """One reward per completion, group by group; a truncated response scores 0 unless
+    ``score_truncated`` (MEL.md step 2 DEFAULT)."""
+    items = [(text, g.problem.answer) for g in groups for text in g.texts]
+    scores = iter(pool.score(items))
+    # zip consumes exactly one score per completion, in order.
+    return [
+        [0.0 if c.truncated and not score_truncated else s for c, s in zip(g.completions, scores)]
+        for g in groups
+    ]
+
+
 def verify_groups(
     pool: RewardPool, groups: list[RolloutGroup], *, score_truncated: bool = False
 ) -> dict[str, float]:
-    """Fill ``group.rewards``: 1 if the final answer verifies, else 0; truncated responses get
-    0 unless ``score_truncated``."""
-    items = [(text, g.problem.answer) for g in groups for text in g.texts]
-    scores = iter(pool.score(items))
-    for group in groups:
-        # One score per completion, consumed in order; a truncated response scores 0 (MEL.md).
-        group.rewards = [
-            0.0 if completion.truncated and not score_truncated else score
-            for completion, score in zip(group.completions, scores)
-        ]
+    """Fill ``group.rewards`` (see score_groups) and return the reward metrics."""
+    for group, rewards in zip(groups, score_groups(pool, groups, score_truncated=score_truncated)):
+        group.rewards = rewards
     flat = [r for g in groups for r in g.rewards]
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
     truncated = [c.truncated for g in groups for c in g.completions]
