@@ -54,3 +54,13 @@ def run_torchrun(script: str, nproc: int, *args: str, timeout: float = 900) -> s
             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc.stdout
+
+
+def run_convert_tool(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``tools/convert_checkpoint.py ARGS`` in a subprocess, output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

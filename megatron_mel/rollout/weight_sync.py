@@ -31,7 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_mel.convert.checkpoint import iter_hf_tensors, param_mappings
-from megatron_mel.convert.mapping import hf_tensor_shape
+from megatron_mel.convert.mapping import expected_hf_names, hf_tensor_shape
 from megatron_mel.models.arch import ModelArch
 from megatron_mel.rollout.engine import BucketEntry, RolloutEngine, WeightBucket
 
@@ -117,16 +117,10 @@ class SyncPlan:
             cls.cut(stage_names, arch, dtype, bucket_bytes) for _, _, stage_names in by_stage
         )
         plan = cls(stages=stages, leaders=tuple(rank for _, rank, _ in by_stage))
-        missing = set(_expected(arch)) - set(plan.names)
+        missing = set(expected_hf_names(arch)) - set(plan.names)
         if missing:
             raise WeightSyncError(f"weight-sync plan misses HF tensors: {sorted(missing)[:5]}")
         return plan
-
-
-def _expected(arch: ModelArch) -> list[str]:
-    from megatron_mel.convert.mapping import expected_hf_names
-
-    return expected_hf_names(arch)
 
 
 def exports_weights() -> bool:

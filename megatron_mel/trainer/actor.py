@@ -16,6 +16,7 @@ Every rank of the job calls every public method collectively.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -332,10 +333,7 @@ class Actor(PolicyRunner):
         return metrics
 
     def _check_finite(self, records: list[dict[str, Any]], step: int) -> None:
-        bad = next(
-            (r["micro_batch"] for r in records if not torch.isfinite(torch.tensor(r["loss_sum"]))),
-            -1,
-        )
+        bad = next((r["micro_batch"] for r in records if not math.isfinite(r["loss_sum"])), -1)
         flag = torch.tensor([bad], dtype=torch.long)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag) >= 0:

@@ -4,8 +4,6 @@ TP2*PP1 loads at TP1*PP2 with the same logits; the command-line tool does both w
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 from megatron_mel.convert.mapping import expected_hf_names
 from megatron_mel.models.arch import load_arch
-from tests.conftest import REPO, run_torchrun
+from tests.conftest import run_convert_tool, run_torchrun
 from tests.factories import FAMILIES
 
 
@@ -62,25 +60,16 @@ def test_checkpoint_saved_tp2_loads_at_pp2(roundtrips, family):
     assert diff <= 1e-5, diff
 
 
-def _tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_command_line_roundtrip_with_verify(tiny_models, tmp_path):
     hf = tiny_models["qwen3"]
-    to_mcore = _tool(
+    to_mcore = run_convert_tool(
         "hf-to-mcore", "--hf-dir", str(hf), "--out-dir", str(tmp_path / "m"),
         "--tp", "2", "--pp", "1", "--verify",
     )  # fmt: skip
     assert to_mcore.returncode == 0, to_mcore.stderr[-3000:]
     assert "verify: tp=2 pp=1 dtype=float32: max abs logit diff" in to_mcore.stdout
     assert "OK" in to_mcore.stdout
-    to_hf = _tool(
+    to_hf = run_convert_tool(
         "mcore-to-hf", "--mcore-dir", str(tmp_path / "m"), "--out-dir", str(tmp_path / "h"),
         "--tp", "1", "--pp", "2", "--verify",
     )  # fmt: skip

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import run_convert_tool as _run
+
+# Input checks fail in the parent before any worker starts: these calls are quick.
+TIMEOUT = 120
 
 
-def _tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def run_convert_tool(*args: str):
+    return _run(*args, timeout=TIMEOUT)
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
@@ -31,7 +28,7 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> N
 
 
 def test_missing_hf_dir(tmp_path):
-    proc = _tool(
+    proc = run_convert_tool(
         "hf-to-mcore", "--hf-dir", str(tmp_path / "absent"), "--out-dir", str(tmp_path / "m")
     )
     _assert_one_line_error(proc, r"HF model directory .*absent.* does not exist")
@@ -39,12 +36,14 @@ def test_missing_hf_dir(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    proc = _tool("hf-to-mcore", "--hf-dir", str(tmp_path), "--out-dir", str(tmp_path / "m"))
+    proc = run_convert_tool(
+        "hf-to-mcore", "--hf-dir", str(tmp_path), "--out-dir", str(tmp_path / "m")
+    )
     _assert_one_line_error(proc, r"unsupported architecture 'GPT2LMHeadModel' \(supported: ")
 
 
 def test_tp_not_dividing_heads(tiny_models, tmp_path):
-    proc = _tool(
+    proc = run_convert_tool(
         "hf-to-mcore", "--hf-dir", str(tiny_models["llama"]), "--out-dir", str(tmp_path / "m"),
         "--tp", "3",
     )  # fmt: skip
@@ -53,5 +52,7 @@ def test_tp_not_dividing_heads(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("direction", ["mcore-to-hf"])
 def test_not_a_megatron_checkpoint(tmp_path, direction):
-    proc = _tool(direction, "--mcore-dir", str(tmp_path), "--out-dir", str(tmp_path / "h"))
+    proc = run_convert_tool(
+        direction, "--mcore-dir", str(tmp_path), "--out-dir", str(tmp_path / "h")
+    )
     _assert_one_line_error(proc, r"not a megatron-mel checkpoint")
