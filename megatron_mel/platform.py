@@ -30,9 +30,9 @@ import datetime
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from megatron_mel.config import ConfigError, ParallelConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +180,46 @@ def destroy_distributed() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Work that runs on the driver (global rank 0)
+# ---------------------------------------------------------------------------------------------
+
+
+def from_driver(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on global rank 0 and hand its (picklable) result to every rank.
+
+    An exception on the driver is re-raised on every rank with the driver's message, so the
+    job fails together instead of leaving the other ranks waiting in a collective.
+    """
+    holder: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            holder[0] = ("ok", fn())
+        except Exception as exc:  # shipped to every rank, re-raised below
+            holder[0] = ("error", exc)
+    dist.broadcast_object_list(holder, src=0)
+    status, value = holder[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def on_driver(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on global rank 0 only (its result stays there: None elsewhere), then let every
+    rank know whether it failed, so a bad config on the driver stops all ranks at once."""
+    result: T | None = None
+    status: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            status[0] = exc
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise status[0]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

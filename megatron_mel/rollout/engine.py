@@ -222,6 +222,11 @@ class RolloutEngine(ABC):
         order = {rid: i for i, rid in enumerate(ids)}
         return sorted(results, key=lambda r: order[r.request_id])
 
+    def begin_weight_update(self) -> None:
+        """Open an update after pause/flush (servers that need a session open one here)."""
+        self._require_paused("begin_weight_update()")
+        self._begin_weight_update()
+
     def load_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Copy HF-named buckets into this engine (in-process engines; see the module doc)."""
         self._require_paused("load_weights()")
@@ -295,6 +300,9 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def _generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
+
+    def _begin_weight_update(self) -> None:
+        return None
 
     def _load_weights(self, buckets: Iterable[WeightBucket]) -> None:
         raise EngineError(

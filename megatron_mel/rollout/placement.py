@@ -113,6 +113,10 @@ class Layout:
         """The training rank that starts ``node``'s servers (its local rank 0), if any."""
         return next((r.rank for r in self.ranks if r.node == node and r.local_rank == 0), None)
 
+    def engines_on_rollout_nodes(self) -> tuple[EngineSlot, ...]:
+        """Engines on nodes without training ranks (their servers come from `megatron-mel serve`)."""
+        return tuple(e for e in self.engines if e.node >= self.topology.train_nodes)
+
     @property
     def rollout_only_nodes(self) -> tuple[int, ...]:
         t = self.topology
