@@ -15,7 +15,9 @@ transport and the memory hand-off run for real over loopback. Strict where SGLan
   (``--tp-size 1`` only) and receives one uint8 broadcast per bucket.
 
 ``GET /mel_fake/state`` reports what happened; ``POST /mel_fake/dump {"path"}`` saves the
-weights it serves (torch.save of HF name -> tensor).
+weights it serves (torch.save of HF name -> tensor). With ``MEL_FAKE_DUMP_DIR`` set, every commit
+also leaves ``engine-<port>-v<version>.pt`` there, and every change ``engine-<port>.json`` (the
+state), so tests can read them after the run stopped the server.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +47,8 @@ class FakeServer:
         self.lock = threading.Lock()
         self.offloaded: set[str] = set()
         self.groups: dict[str, Any] = {}
+        dump = os.environ.get("MEL_FAKE_DUMP_DIR")
+        self.dump_dir = Path(dump) if dump else None
         self.state: dict[str, Any] = {
             "tp": args.tp_size, "base_gpu_id": args.base_gpu_id, "port": args.port,
             "nccl_port": args.nccl_port, "pid": os.getpid(), "memory_saver": args.enable_memory_saver,
@@ -56,7 +61,10 @@ class FakeServer:
 
     def handle(self, method: str, route: str, body: Any) -> tuple[int, Any]:
         with self.lock:
-            return self._handle(method, route.split("?")[0], body)
+            status, answer = self._handle(method, route.split("?")[0], body)
+            if self.dump_dir is not None and method == "POST" and route != "/generate":
+                (self.dump_dir / f"engine-{self.args.port}.json").write_text(json.dumps(self.state))
+            return status, answer
 
     def _handle(self, method: str, route: str, body: Any) -> tuple[int, Any]:
         ok = {"success": True, "message": "ok"}
@@ -68,9 +76,7 @@ class FakeServer:
         if route == "/mel_fake/state":
             return 200, self.state
         if route == "/mel_fake/dump":
-            from megatron_mel.convert.mapping import expected_hf_names
-
-            torch.save(engine.get_weights(expected_hf_names(engine.arch)), body["path"])
+            self._dump(Path(body["path"]))
             return 200, ok
         if route == "/generate":
             return self._generate(body)
@@ -100,6 +106,8 @@ class FakeServer:
                 return 400, {"success": False, "message": f"commit refused: {exc}"}
             self.version = str(body["new_version"])
             self.state["commits"].append(self.version)
+            if self.dump_dir is not None:
+                self._dump(self.dump_dir / f"engine-{self.args.port}-v{self.version}.pt")
             return 200, {**ok, "new_version": self.version}
         if route == "/get_weights_by_name":
             tensor = engine.get_weights([body["name"]])[body["name"]]
@@ -113,10 +121,18 @@ class FakeServer:
 
             group = self.groups.pop(body["group_name"], None)
             if group is None:
-                return 400, {"success": False, "message": "The group to be destroyed does not exist."}
+                return 400, {
+                    "success": False,
+                    "message": "The group to be destroyed does not exist.",
+                }
             dist.destroy_process_group(group)
             return 200, ok
         return 404, {"detail": f"no route {route}"}
+
+    def _dump(self, path: Path) -> None:
+        from megatron_mel.convert.mapping import expected_hf_names
+
+        torch.save(self.engine.get_weights(expected_hf_names(self.engine.arch)), path)
 
     def _generate(self, body: dict) -> tuple[int, Any]:
         from megatron_mel.rollout.engine import GenerationRequest, SamplingParams
@@ -147,7 +163,7 @@ class FakeServer:
         tags = body.get("tags") or ["weights", "kv_cache", "cuda_graph"]
         release = route == "/release_memory_occupation"
         for tag in tags:
-            if release and tag in self.offloaded or not release and tag not in self.offloaded:
+            if (tag in self.offloaded) == release:
                 return 400, {"error": f"tag {tag!r} is {'already' if release else 'not'} released"}
         ours = sorted({SG_TO_OURS[t] for t in tags})
         if release:
@@ -168,7 +184,10 @@ class FakeServer:
 
         entries = body["serialized_named_tensors"]
         if body.get("load_format") != "flattened_bucket" or len(entries) != self.args.tp_size:
-            return 400, {"success": False, "message": f"{len(entries)} entries for tp {self.args.tp_size}"}
+            return 400, {
+                "success": False,
+                "message": f"{len(entries)} entries for tp {self.args.tp_size}",
+            }
         decoded = [read_host_file_entry(e) for e in entries]
         first = decoded[0][0]
         for tensors, _ in decoded[1:]:
@@ -177,7 +196,9 @@ class FakeServer:
             ):
                 return 400, {"success": False, "message": "TP ranks received different bytes"}
         self.engine.load_weights([WeightBucket.from_tensors([(n, t.clone()) for n, t in first])])
-        self.state["tensor_updates"].append({"senders": [s for _, s in decoded], "names": len(first)})
+        self.state["tensor_updates"].append(
+            {"senders": [s for _, s in decoded], "names": len(first)}
+        )
         return 200, {"success": True, "message": "ok"}
 
     def _init_group(self, body: dict) -> tuple[int, Any]:
@@ -186,7 +207,10 @@ class FakeServer:
         if self.args.tp_size != 1:
             return 400, {"success": False, "message": "the fake joins NCCL groups at tp 1 only"}
         if body["group_name"] in self.groups:
-            return 400, {"success": False, "message": "The specified group name has already been created"}
+            return 400, {
+                "success": False,
+                "message": "The specified group name has already been created",
+            }
         self.groups[body["group_name"]] = init_custom_process_group(
             backend="gloo", world_size=body["world_size"], rank=body["rank_offset"],
             init_method=f"tcp://{body['master_address']}:{body['master_port']}",
@@ -200,7 +224,9 @@ class FakeServer:
         from megatron_mel.rollout.engine import WeightBucket
 
         group = self.groups[body["group_name"]]
-        empties = [torch.empty(s, dtype=getattr(torch, d)) for s, d in zip(body["shapes"], body["dtypes"])]
+        empties = [
+            torch.empty(s, dtype=getattr(torch, d)) for s, d in zip(body["shapes"], body["dtypes"])
+        ]
         flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in empties])
         dist.broadcast(flat, src=0, group=group)
         named, offset = [], 0

@@ -117,5 +117,8 @@ def test_topology_from_torchrun_srun_and_plain_starts():
 def test_rank_table_must_match_the_numbering():
     layout = _layout(Topology(2, 2, 2, hosts=("a", "b")), engine_tp=2)
     check_rank_table(layout, [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)])
-    with pytest.raises(ConfigError, match=r"rank 1 runs on node 1 as local rank 0, but the placement expects \(0, 1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"rank 1 runs on node 1 as local rank 0, but the placement expects \(0, 1\)",
+    ):
         check_rank_table(layout, [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)])
