@@ -50,7 +50,8 @@ from megatron_mel.rollout.http import poster, raise_engine_errors, run_parallel
 
 FLATTENED_BUCKET = "flattened_bucket"
 GPU_HINT = (
-    "needs CUDA and `pip install -e .[sglang]` (or .[vllm]); on CPU use rollout.engine: embedded"
+    "needs CUDA and the GPU extras (`pip install -e .[sglang]` or `.[vllm]`); on CPU use "
+    "rollout.engine: embedded"
 )
 HOST_FILE_KEY = "mel_host_file_bucket"
 

@@ -167,10 +167,18 @@ def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngi
                                         [e.tp for e in layout.engines])  # fmt: skip
     from megatron_mel.rollout.vllm_engine import VLLMEngine
 
-    # vLLM reads its size from the same server knobs as SGLang (rollout.sglang.*).
+    if cfg.rollout.placement != "colocate" or len(layout.engines) != 1:
+        raise ConfigError(
+            "rollout.engine=vllm runs one engine beside the driver, colocated on its node's "
+            "first GPUs; set rollout.sglang.num_engines=1 (or use rollout.engine=sglang for "
+            "several engines or disaggregated placement)"
+        )
+    # vLLM reads its size from the same server knobs as SGLang (rollout.sglang.*), and runs in a
+    # process of its own (rollout/vllm_host.py).
     return VLLMEngine(cfg.model.hf_dir, tp=cfg.rollout.sglang.engine_tp,
                       gpu_memory_utilization=cfg.rollout.sglang.mem_fraction_static,
-                      dtype=cfg.model.dtype, seed=cfg.launch.seed)  # fmt: skip
+                      dtype=cfg.model.dtype, seed=cfg.launch.seed,
+                      log_dir=f"{cfg.launch.run_dir}/engine_logs")  # fmt: skip
 
 
 def build_sync(
