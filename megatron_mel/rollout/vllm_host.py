@@ -162,6 +162,7 @@ def serve(llm: Any, params_factory: Any, address_file: Path) -> None:
                 answer = ("error", f"{type(exc).__name__}: {exc}")
             conn.send_bytes(_dumps(answer))
 
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m megatron_mel.rollout.vllm_host")
     parser.add_argument("--address-file", required=True)
