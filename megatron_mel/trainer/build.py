@@ -112,9 +112,12 @@ def build_layout(cfg: RunConfig) -> Layout:
     if not topology.hosts and topology.train_nodes > 1 and not topology.rollout_nodes:
         by_node = {n: host for _, n, lr, host in reported if lr == 0}
         topology = dataclasses.replace(topology, hosts=tuple(by_node[n] for n in sorted(by_node)))
-    sg = cfg.rollout.sglang
-    layout = placement.plan_layout(topology, mode=cfg.rollout.placement, engine_tp=sg.engine_tp,
-                                   num_engines=sg.num_engines, base_port=sg.base_port, host=sg.host)  # fmt: skip
+    sg, engine = cfg.rollout.sglang, cfg.rollout.engine
+    # The embedded engine is one in-process engine of rank 0; vLLM is one engine beside it.
+    tp = sg.engine_tp if engine != "embedded" else 1
+    count = sg.num_engines if engine == "sglang" else 1
+    layout = placement.plan_layout(topology, mode=cfg.rollout.placement, engine_tp=tp,
+                                   num_engines=count, base_port=sg.base_port, host=sg.host)  # fmt: skip
     placement.check_rank_table(layout, [(r, n, lr) for r, n, lr, _ in reported])
     if dist.get_rank() == 0 and cfg.rollout.engine == "sglang":
         log.info("%s", layout.describe())
@@ -167,11 +170,10 @@ def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngi
                                         [e.tp for e in layout.engines])  # fmt: skip
     from megatron_mel.rollout.vllm_engine import VLLMEngine
 
-    if cfg.rollout.placement != "colocate" or len(layout.engines) != 1:
+    if cfg.rollout.placement != "colocate" or cfg.rollout.sglang.num_engines not in (None, 1):
         raise ConfigError(
             "rollout.engine=vllm runs one engine beside the driver, colocated on its node's "
-            "first GPUs; set rollout.sglang.num_engines=1 (or use rollout.engine=sglang for "
-            "several engines or disaggregated placement)"
+            "first GPUs; use rollout.engine=sglang for several engines or disaggregated placement"
         )
     # vLLM reads its size from the same server knobs as SGLang (rollout.sglang.*), and runs in a
     # process of its own (rollout/vllm_host.py).
