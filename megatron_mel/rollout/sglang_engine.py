@@ -59,6 +59,7 @@ from typing import Any, Literal
 import torch
 
 from megatron_mel.config import RolloutConfig
+from megatron_mel.net.health import Backoff, backoff_delays, probe
 from megatron_mel.rollout.engine import (
     Completion,
     EngineError,
@@ -345,6 +346,7 @@ class SGLangEngine(RolloutEngine):
         return urls
 
     def _wait_ready(self, url: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
+        delays = backoff_delays(first_s=0.5, max_s=5.0)
         while True:
             if proc.poll() is not None:
                 raise EngineError(url, f"server exited with {proc.returncode}: {_tail(log)}")
@@ -355,7 +357,7 @@ class SGLangEngine(RolloutEngine):
                 request_json("GET", url + "/health_generate", timeout=min(remaining, 30.0))
                 return
             except HttpError:
-                time.sleep(min(2.0, max(remaining, 0.0)))
+                time.sleep(min(next(delays), max(remaining, 0.0)))
 
     def _kill_processes(self) -> None:
         for proc in self._processes:
@@ -450,7 +452,10 @@ class SGLangEngine(RolloutEngine):
         return str(self._version) if self._version > 0 else self._initial_versions.get(url)
 
     def _probe(self, url: str) -> None:
-        request_json("GET", url + "/health_generate", timeout=self.health_timeout_s)
+        # One attempt (the caller marks the server and retries later); a short connect timeout,
+        # and a read timeout for the one-token generation behind /health_generate.
+        probe(url + "/health_generate", what="SGLang server", read_timeout_s=self.health_timeout_s,
+              backoff=Backoff(retries=0))  # fmt: skip
 
     def _probe_unhealthy(self) -> None:
         def readmit(url: str) -> None:
@@ -500,6 +505,7 @@ class SGLangEngine(RolloutEngine):
     def _flush(self) -> None:
         def flush(url: str) -> None:
             deadline = time.monotonic() + self.flush_timeout_s
+            delays = backoff_delays(first_s=0.25, max_s=4.0)
             while True:  # 400 while requests are still queued or running
                 try:
                     request_json("POST", url + "/flush_cache", timeout=self.control_timeout_s)
@@ -507,7 +513,7 @@ class SGLangEngine(RolloutEngine):
                 except HttpError as exc:
                     if exc.unreachable or time.monotonic() > deadline:
                         raise
-                    time.sleep(0.5)
+                    time.sleep(next(delays))
 
         _, errors = run_parallel([(u, lambda u=u: flush(u)) for u in self.router.healthy])
         raise_engine_errors(errors, "flush_cache")

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_mel import lifecycle
 from megatron_mel.checkpoint import Checkpointer
 from megatron_mel.config import ConfigError, RunConfig, flatten, read_hf_config
 from megatron_mel.convert.checkpoint import load_hf_weights
-from megatron_mel.data.datasets import Problem, load_problems
+from megatron_mel.data.datasets import Problem, drop_long_prompts, load_problems
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.data.sampler import PromptSampler
 from megatron_mel.models.arch import ModelArch
@@ -159,20 +160,15 @@ def build_driver(
         apply_chat_template=cfg.data.apply_chat_template,
         solve_template=cfg.data.prompt_template,
     )
-    pool = RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
-                      timeout_s=cfg.reward.timeout_s)  # fmt: skip
+    with lifecycle.shielded_children():  # the pool stops its workers; signals are the rank's
+        pool = RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
+                          timeout_s=cfg.reward.timeout_s)  # fmt: skip
     templates = ReflectionTemplates.load(
         cfg.reflection.experience_template, cfg.reflection.replay_template
     )
     reflector = Reflector(cfg.reflection, templates, formatter, pool,
                           rollout_max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.launch.seed)  # fmt: skip
-    kept = [
-        p for p in train if len(formatter.solve_prompt(p.question)) <= cfg.data.max_prompt_tokens
-    ]
-    if not kept:
-        raise ConfigError(
-            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}: every prompt is longer"
-        )
+    kept = drop_long_prompts(train, formatter, cfg.data.max_prompt_tokens)
     return DriverHandles(
         engine=build_engine(cfg, arch),
         formatter=formatter,
