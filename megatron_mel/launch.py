@@ -63,8 +63,10 @@ def run_id() -> str:
     return env.get("MEGATRON_MEL_JOB") or env.get("TORCHELASTIC_RUN_ID") or str(os.getpid())
 
 
-def run_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+def run_workers(fn: Callable[..., Any] | str, world_size: int, *args: Any) -> None:
     """Call ``fn(*args)`` on ``world_size`` ranks with RANK/WORLD_SIZE/MASTER_* set.
+
+    ``fn`` may be named ``"package.module:function"``, so the launcher need not import it.
 
     Under an existing launcher the world size must match and ``fn`` runs here, with the stop
     handler installed. Spawned, a failure raises WorkerFailed (its line already printed), and a
@@ -75,7 +77,7 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
         if launched != world_size:
             raise ConfigError(f"launched with {launched} ranks but this job needs {world_size}")
         lifecycle.install_rank_handlers()
-        fn(*args)
+        _resolve(fn)(*args)
         return
     ctx = mp.get_context("spawn")
     abort = ctx.Event()
@@ -217,7 +219,7 @@ def _worker(
     parent_pid: int,
     abort: Any,
     report: Connection,
-    fn: Callable[..., Any],
+    fn: Callable[..., Any] | str,
     args: Any,
 ) -> None:
     os.environ.update(
@@ -235,7 +237,7 @@ def _worker(
 
     setup_console()
     try:
-        fn(*args)
+        _resolve(fn)(*args)
     except lifecycle.RunStopped as exc:
         _report_and_exit(report, "stopped", str(exc), lifecycle.EXIT_STOPPED)
     except ConfigError as exc:
@@ -249,6 +251,15 @@ def _worker(
         text = traceback.format_exc()[-_REPORT_CHARS:]
         _report_and_exit(report, "crash", text, lifecycle.EXIT_FAILED)
     _report_and_exit(report, "ok", "", 0)
+
+
+def _resolve(fn: Callable[..., Any] | str) -> Callable[..., Any]:
+    if callable(fn):
+        return fn
+    import importlib
+
+    module, _, name = fn.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _report_and_exit(report: Connection, kind: str, message: str, code: int) -> None:

@@ -107,6 +107,21 @@ def load_problems(
     return problems
 
 
+def load_run_datasets(cfg: Any) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """Training prompts and evaluation benchmarks of a RunConfig; fails on bad records before
+    anything heavy (cheap to import: the CLI calls it before starting any worker)."""
+    data = cfg.data
+    keys = dict(id_key=data.id_key, question_key=data.question_key, answer_key=data.answer_key)
+    if not data.train_path:
+        raise ConfigError("data.train_path: a training dataset is required")
+    train = load_problems(data.train_path, **keys)
+    limit = cfg.trainer.eval_limit
+    benchmarks = {
+        name: load_problems(path, **keys)[:limit] for name, path in data.eval_paths.items()
+    }
+    return train, benchmarks
+
+
 def drop_long_prompts(problems: list[Problem], formatter: Any, max_tokens: int) -> list[Problem]:
     """The problems whose solve prompt fits ``max_tokens`` (data.max_prompt_tokens), in order.
 

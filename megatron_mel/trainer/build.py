@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from megatron_mel import lifecycle
 from megatron_mel.checkpoint import Checkpointer
-from megatron_mel.config import ConfigError, RunConfig, flatten, read_hf_config
+from megatron_mel.config import RunConfig, flatten, read_hf_config
 from megatron_mel.convert.checkpoint import load_hf_weights
-from megatron_mel.data.datasets import Problem, drop_long_prompts, load_problems
+from megatron_mel.data.datasets import Problem, drop_long_prompts
+from megatron_mel.data.datasets import load_run_datasets as load_datasets  # noqa: F401 (loop)
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.data.sampler import PromptSampler
 from megatron_mel.models.arch import ModelArch
@@ -54,20 +55,6 @@ class DriverHandles:
             self.pool.close()
         if self.engine is not None:
             self.engine.shutdown()
-
-
-def load_datasets(cfg: RunConfig) -> tuple[list[Problem], dict[str, list[Problem]]]:
-    """Training prompts and evaluation benchmarks; fails on bad records before anything heavy."""
-    keys = dict(id_key=cfg.data.id_key, question_key=cfg.data.question_key,
-                answer_key=cfg.data.answer_key)  # fmt: skip
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path: a training dataset is required")
-    train = load_problems(cfg.data.train_path, **keys)
-    limit = cfg.trainer.eval_limit
-    benchmarks = {
-        name: load_problems(path, **keys)[:limit] for name, path in cfg.data.eval_paths.items()
-    }
-    return train, benchmarks
 
 
 def build_policy(cfg: RunConfig, arch: ModelArch) -> Actor:
