@@ -21,6 +21,7 @@ checkpointer decides when to save (interval, last step, walltime) so the loop on
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -28,7 +29,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -283,7 +284,8 @@ class Checkpointer:
 
         try:
             _on_all_ranks(prepare, tmp)
-            _on_all_ranks(write_shards, tmp)
+            with _held_writer_errors():
+                _on_all_ranks(write_shards, tmp)
             _on_all_ranks(write_driver_files, tmp)
             _on_all_ranks(lambda: manifest.collective_write(tmp), tmp)
         except BaseException:
@@ -336,6 +338,34 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: unreadable ({exc}); {RESUME_FIX}") from None
 
 
+@contextlib.contextmanager
+def _held_writer_errors() -> Iterator[None]:
+    """Hold the ERROR records of megatron-core's checkpoint writer for the block.
+
+    Its writer threads log a failed write (a full disk shows as "unexpected pos 704 vs 598")
+    and then raise; a full disk is told once by :func:`_on_all_ranks`, and the records are
+    logged as they were only for any other failure.
+    """
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    logger.addFilter(hold)
+    try:
+        yield
+    except BaseException as exc:
+        logger.removeFilter(hold)
+        if not isinstance(exc, ConfigError):
+            for record in held:
+                logger.handle(record)
+        raise
+    finally:
+        logger.removeFilter(hold)
+
+
 def _on_all_ranks(fn: Callable[[], T], where: Path) -> T | None:
     """Run ``fn`` on every rank, then make every rank fail if one did (collective).
 
@@ -345,13 +375,16 @@ def _on_all_ranks(fn: Callable[[], T], where: Path) -> T | None:
     result, error = None, None
     try:
         result = fn()
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
         error = exc
-    if error is not None and _disk_full(error):
+    if error is not None and not isinstance(error, ConfigError) and _disk_full(error, where):
+        usage = shutil.disk_usage(where.parent)
         error = ConfigError(
-            f"checkpoint.dir: no space left on device while writing {where} "
-            f"({shutil.disk_usage(where.parent).free / 2**30:.2f} GiB free); free space or set "
-            "checkpoint.dir to a larger disk (the previous checkpoint is intact)"
+            f"checkpoint.dir: the disk is full while writing {where} ({usage.free / 2**20:.0f} "
+            f"of {usage.total / 2**20:.0f} MiB free); free space or set checkpoint.dir to a "
+            "larger disk (the previous checkpoint is intact)"
         )
     outcomes: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, None if error is None else str(error))
@@ -363,7 +396,13 @@ def _on_all_ranks(fn: Callable[[], T], where: Path) -> T | None:
     return result
 
 
-def _disk_full(exc: BaseException | None) -> bool:
+def _disk_full(exc: BaseException | None, where: Path) -> bool:
+    """ENOSPC somewhere in the chain, or a disk with (almost) nothing left: megatron-core's
+    writer threads report a full disk as a bare RuntimeError, without the errno."""
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(where.parent)
+        if usage.free < max(16 * 2**20, 0.01 * usage.total):
+            return True
     seen = 0
     while exc is not None and seen < 20:
         if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):

@@ -245,6 +245,7 @@ def _worker(
     except BaseException as exc:
         # A peer that died makes collectives fail here too; the launcher reports the death.
         if abort.wait(3.0):
+            lifecycle.kill_descendants()
             os._exit(lifecycle.EXIT_FAILED)
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             _report_and_exit(report, "ok", "", 0)
@@ -266,6 +267,9 @@ def _report_and_exit(report: Connection, kind: str, message: str, code: int) -> 
     with contextlib.suppress(OSError):
         report.send((kind, message))
         report.close()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # Helpers this rank did not stop (an error before its cleanup ran) must not keep it alive.
+    lifecycle.kill_descendants()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
     sys.exit(code)

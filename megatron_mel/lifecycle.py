@@ -40,6 +40,7 @@ was honoured; the entry point maps it to :data:`EXIT_STOPPED`), :func:`on_exit_n
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -170,14 +171,17 @@ def _run_exit_hooks(status: str) -> None:
 
 
 def _exit_now(code: int, status: str, message: str | None) -> None:
-    if message and _is_rank0():
-        print(message, file=sys.stderr, flush=True)
-    _run_exit_hooks(status)
-    kill_descendants()  # the verifier pool, megatron's writer Manager, launched servers
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
+    try:
+        if message and _is_rank0():
+            with contextlib.suppress(Exception):  # stderr may be a pipe whose reader is gone
+                print(message, file=sys.stderr, flush=True)
+        _run_exit_hooks(status)
+        kill_descendants()  # the verifier pool, megatron's writer Manager, launched servers
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def _is_rank0() -> bool:
@@ -210,6 +214,12 @@ def install_rank_handlers(*, abort_event: Any = None, parent_pid: int | None = N
         signal.signal(signum, _ignore_in_main_thread)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     threading.Thread(target=_watch, args=(read_fd,), name="mel-lifecycle", daemon=True).start()
+    # Shielded helpers ignore SIGTERM, so multiprocessing's exit handler (which terminates
+    # leftover children with SIGTERM, then joins them) would wait for them forever; kill them
+    # first. atexit runs last-registered first; spawned workers call kill_descendants instead.
+    import multiprocessing.util  # noqa: F401  (registers its exit handler before ours)
+
+    atexit.register(kill_descendants)
     _installed = True
 
 
@@ -260,7 +270,8 @@ def shielded_children() -> Iterator[None]:
     step (or make them print a KeyboardInterrupt traceback each). The signals are blocked in the
     calling thread for the block, and children inherit the mask; the rank itself misses nothing,
     because the watcher thread keeps them unblocked and receives them meanwhile. Do not start
-    processes that must answer SIGTERM (SGLang or vLLM servers) inside it.
+    processes that must answer SIGTERM (SGLang or vLLM servers) inside it: shielded ones are
+    stopped by their owner, or with SIGKILL by :func:`kill_descendants` when the rank exits.
     """
     saved = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
