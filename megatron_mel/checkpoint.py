@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_mel import lifecycle
 from megatron_mel.config import CheckpointConfig, ConfigError
 from megatron_mel.convert import manifest
 from megatron_mel.convert.checkpoint import unwrap
@@ -260,6 +261,7 @@ class Checkpointer:
         name = f"step_{state.step:06d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         rank = dist.get_rank()
+        _shield_writer_queue()
 
         def prepare() -> None:
             if rank == 0:
@@ -324,6 +326,22 @@ class Checkpointer:
             flat_model, is_loading=is_loading, metadata=OPTIM_METADATA
         )
         return {**model, "optimizer": optim}
+
+
+def _shield_writer_queue() -> None:
+    """Start megatron-core's checkpoint-writer Manager process shielded from stop signals.
+
+    It is a child of the rank, created at the first save; torchrun (``killpg``), ``scancel``
+    or ``kill -- -PGID`` would otherwise kill it with the SIGTERM that asks for a final
+    checkpoint, and that checkpoint would then fail to write. Idempotent.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # pragma: no cover - another megatron-core layout: nothing to shield
+        return
+    if getattr(filesystem_async, "_results_queue", True) is None:
+        with lifecycle.shielded_children():
+            filesystem_async.get_write_results_queue()
 
 
 def _warn_rank0(message: str) -> None:

@@ -98,7 +98,8 @@ def _train(argv: list[str]) -> int:
     load_hook(cfg.reward.function, RewardFn, key="reward.function")
     try:
         # By name: this process never imports megatron-core (seconds of start-up saved).
-        run_workers("megatron_mel.trainer.loop:train", world, cfg, Path(args.recipe).stem)
+        run_workers("megatron_mel.trainer.loop:train", world, cfg, Path(args.recipe).stem,
+                    graceful_stop=True)  # fmt: skip
     except WorkerFailed as exc:  # its line is printed; the code says why (lifecycle.EXIT_*)
         return exc.exit_code
     return 0

@@ -63,10 +63,14 @@ def run_id() -> str:
     return env.get("MEGATRON_MEL_JOB") or env.get("TORCHELASTIC_RUN_ID") or str(os.getpid())
 
 
-def run_workers(fn: Callable[..., Any] | str, world_size: int, *args: Any) -> None:
+def run_workers(
+    fn: Callable[..., Any] | str, world_size: int, *args: Any, graceful_stop: bool = False
+) -> None:
     """Call ``fn(*args)`` on ``world_size`` ranks with RANK/WORLD_SIZE/MASTER_* set.
 
     ``fn`` may be named ``"package.module:function"``, so the launcher need not import it.
+    ``graceful_stop``: ``fn`` honours stop requests at safe points (lifecycle.agree_to_stop),
+    so the first SIGTERM/SIGUSR1/SIGINT asks for a stop; otherwise it exits at once.
 
     Under an existing launcher the world size must match and ``fn`` runs here, with the stop
     handler installed. Spawned, a failure raises WorkerFailed (its line already printed), and a
@@ -76,7 +80,7 @@ def run_workers(fn: Callable[..., Any] | str, world_size: int, *args: Any) -> No
         launched = launcher_env()[1]
         if launched != world_size:
             raise ConfigError(f"launched with {launched} ranks but this job needs {world_size}")
-        lifecycle.install_rank_handlers()
+        lifecycle.install_rank_handlers(graceful=graceful_stop)
         _resolve(fn)(*args)
         return
     ctx = mp.get_context("spawn")
@@ -87,7 +91,7 @@ def run_workers(fn: Callable[..., Any] | str, world_size: int, *args: Any) -> No
         receive, send = ctx.Pipe(duplex=False)
         process = ctx.Process(
             target=_worker,
-            args=(rank, world_size, port, job, os.getpid(), abort, send, fn, args),
+            args=(rank, world_size, port, job, os.getpid(), abort, send, fn, args, graceful_stop),
             name=f"rank{rank}",
         )
         workers.append(_Handle(rank, process, receive, send))
@@ -178,8 +182,9 @@ def _conclude(workers: list[_Handle], forwarder: lifecycle.SignalForwarder) -> N
     codes = [w.process.exitcode for w in workers]
     if all(code == 0 for code in codes):
         return
-    if forwarder.second is not None:
-        raise WorkerFailed("stopped at once by a second signal", 128 + forwarder.second)
+    at_once = [c for c in codes if c and c > 128 and c - 128 in lifecycle.STOP_SIGNALS]
+    if at_once and forwarder.first is not None:  # the ranks said so as they exited
+        raise WorkerFailed("stopped at once by a signal", at_once[0])
     if any(code is not None and code < 0 for code in codes):
         raise WorkerFailed("a rank died")  # its line was printed when it happened
     failing = [
@@ -221,6 +226,7 @@ def _worker(
     report: Connection,
     fn: Callable[..., Any] | str,
     args: Any,
+    graceful: bool,
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -232,7 +238,7 @@ def _worker(
         MEGATRON_MEL_JOB=job,
         MEGATRON_MEL_LAUNCHER_PID=str(parent_pid),
     )
-    lifecycle.install_rank_handlers(abort_event=abort, parent_pid=parent_pid)
+    lifecycle.install_rank_handlers(graceful=graceful, abort_event=abort, parent_pid=parent_pid)
     from megatron_mel.console import setup_console
 
     setup_console()

@@ -103,6 +103,7 @@ _exit_hooks: list[Callable[[str], Any]] = []
 _installed = False
 _abort_event: Any = None  # multiprocessing.Event set by our launcher when a peer died
 _parent_pid: int | None = None
+_graceful = True
 
 
 def signal_name(signum: int) -> str:
@@ -191,13 +192,18 @@ def _is_rank0() -> bool:
 # -- the rank side ----------------------------------------------------------------------------
 
 
-def install_rank_handlers(*, abort_event: Any = None, parent_pid: int | None = None) -> None:
+def install_rank_handlers(
+    *, graceful: bool = True, abort_event: Any = None, parent_pid: int | None = None
+) -> None:
     """Install the stop handler in this rank (main thread; idempotent).
 
-    ``abort_event`` (set by our launcher when a peer died) and ``parent_pid`` (the launcher's
-    pid, watched with PR_SET_PDEATHSIG and a poll) are given only by ``launch.run_workers``.
+    ``graceful=False`` is for jobs without safe points (conversion, parity): the first signal
+    exits at once. ``abort_event`` (set by our launcher when a peer died) and ``parent_pid``
+    (the launcher's pid, watched with PR_SET_PDEATHSIG and a poll) are given only by
+    ``launch.run_workers``.
     """
-    global _installed, _abort_event, _parent_pid
+    global _installed, _abort_event, _parent_pid, _graceful
+    _graceful = graceful
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("lifecycle.install_rank_handlers must run on the main thread")
     if parent_pid is not None:
@@ -245,6 +251,8 @@ def _on_signal(signum: int) -> None:
     global _first_signal_at
     now = time.monotonic()
     name = signal_name(signum)
+    if not _graceful:
+        _exit_now(128 + signum, "KILLED", f"{name}: exiting now")
     if _first_signal_at is None:
         _first_signal_at = now
         request_stop(name)
@@ -339,16 +347,14 @@ class SignalForwarder:
     """In a launcher: pass SIGTERM/SIGINT/SIGUSR1 on to the workers instead of dying.
 
     Used as a context manager around the supervision loop; the previous handlers come back on
-    exit. ``second`` holds the signal number of a repeated signal (the launcher then exits with
-    ``128 + second`` once the workers are gone).
+    exit. Every delivery is forwarded (the ranks count repeats themselves); ``first`` holds the
+    first signal number, so the launcher knows its workers' exit codes were asked for.
     """
 
     def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
         self._pids = pids
         self._saved: dict[int, Any] = {}
-        self._first_at: float | None = None
         self.first: int | None = None
-        self.second: int | None = None
 
     def __enter__(self) -> SignalForwarder:
         for signum in STOP_SIGNALS:
@@ -360,11 +366,8 @@ class SignalForwarder:
             signal.signal(signum, handler)
 
     def _forward(self, signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if self._first_at is None:
-            self._first_at, self.first = now, signum
-        elif now - self._first_at > DUPLICATE_WINDOW_S:
-            self.second = signum
+        if self.first is None:
+            self.first = signum
         for pid in self._pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)

@@ -137,3 +137,13 @@ def _alive(pid: int) -> bool:
 
 def test_without_a_process_group_the_request_is_local():
     assert lifecycle.agree_to_stop() is lifecycle.stop_requested()
+
+
+def test_jobs_without_safe_points_exit_on_the_first_signal():
+    """Conversion and parity runs (graceful=False): Ctrl-C ends them at once, quietly."""
+    proc = _start(RANK.replace("install_rank_handlers()", "install_rank_handlers(graceful=False)"))
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert out.strip() == "hook KILLED" and "SIGINT: exiting now" in err
+    assert "Traceback" not in err
