@@ -249,6 +249,8 @@ def _worker(
     except ConfigError as exc:
         _report_and_exit(report, "error", f"error: {exc}", lifecycle.EXIT_USAGE)
     except BaseException as exc:
+        if lifecycle.exiting_now():  # caused by the immediate exit under way (killed helpers)
+            lifecycle.wait_for_exit()
         # A peer that died makes collectives fail here too; the launcher reports the death.
         if abort.wait(3.0):
             lifecycle.kill_descendants()
@@ -270,6 +272,8 @@ def _resolve(fn: Callable[..., Any] | str) -> Callable[..., Any]:
 
 
 def _report_and_exit(report: Connection, kind: str, message: str, code: int) -> None:
+    if lifecycle.exiting_now():  # the watcher thread is ending the process with its own status
+        lifecycle.wait_for_exit()
     with contextlib.suppress(OSError):
         report.send((kind, message))
         report.close()

@@ -104,6 +104,7 @@ _installed = False
 _abort_event: Any = None  # multiprocessing.Event set by our launcher when a peer died
 _parent_pid: int | None = None
 _graceful = True
+_exiting = threading.Event()
 
 
 def signal_name(signum: int) -> str:
@@ -171,7 +172,22 @@ def _run_exit_hooks(status: str) -> None:
     worker.join(EXIT_HOOK_TIMEOUT_S)
 
 
+def exiting_now() -> bool:
+    """True once this process has begun an immediate exit (second signal, dead peer/parent)."""
+    return _exiting.is_set()
+
+
+def wait_for_exit() -> None:
+    """Block the calling thread until the immediate exit under way ends the process.
+
+    The main thread calls this instead of exiting on its own (with another status, or after
+    printing the traceback of an error the exit itself caused, e.g. killed helpers)."""
+    while True:
+        time.sleep(60)
+
+
 def _exit_now(code: int, status: str, message: str | None) -> None:
+    _exiting.set()
     try:
         if message and _is_rank0():
             with contextlib.suppress(Exception):  # stderr may be a pipe whose reader is gone
@@ -225,8 +241,14 @@ def install_rank_handlers(
     # first. atexit runs last-registered first; spawned workers call kill_descendants instead.
     import multiprocessing.util  # noqa: F401  (registers its exit handler before ours)
 
-    atexit.register(kill_descendants)
+    atexit.register(_before_exit)
     _installed = True
+
+
+def _before_exit() -> None:
+    if exiting_now():
+        wait_for_exit()
+    kill_descendants()
 
 
 def _ignore_in_main_thread(signum: int, frame: Any) -> None:
