@@ -105,7 +105,7 @@ def run_workers(
             for handle in workers:
                 handle.process.start()
                 handle.sender.close()  # the child holds its own copy; EOF here: it is gone
-            _supervise(workers, abort)
+            _supervise(workers, abort, forwarder)
         finally:
             # Nothing outlives the run: helpers orphaned by a dead worker were adopted here.
             lifecycle.kill_descendants()
@@ -130,7 +130,7 @@ class _Handle:
             self.reports.close()
 
 
-def _supervise(workers: list[_Handle], abort: Any) -> None:
+def _supervise(workers: list[_Handle], abort: Any, forwarder: lifecycle.SignalForwarder) -> None:
     """Wait for every worker; stop the rest when one dies (see the module docstring)."""
     kill_at: float | None = None
     abort_at: float | None = None
@@ -147,7 +147,8 @@ def _supervise(workers: list[_Handle], abort: Any) -> None:
             if code < 0 and kill_at is None:  # killed by a signal: the others cannot go on
                 abort.set()
                 kill_at = now + ABORT_GRACE_S
-                _say(_death_message(handle, code))
+                if not _asked_for(-code, forwarder):  # not a stop signal that reached it early
+                    _say(_death_message(handle, code))
             elif code > 0 and abort_at is None:
                 abort_at = now + FAILURE_GRACE_S
         if abort_at is not None and now > abort_at and kill_at is None:
@@ -161,6 +162,11 @@ def _supervise(workers: list[_Handle], abort: Any) -> None:
     for handle in workers:
         handle.process.join()
         handle.read()
+
+
+def _asked_for(signum: int, forwarder: lifecycle.SignalForwarder) -> bool:
+    """A worker killed by a stop signal the launcher received (before its handler was set)."""
+    return forwarder.first is not None and signum in lifecycle.STOP_SIGNALS
 
 
 def _death_message(handle: _Handle, code: int) -> str:
@@ -182,8 +188,9 @@ def _conclude(workers: list[_Handle], forwarder: lifecycle.SignalForwarder) -> N
     codes = [w.process.exitcode for w in workers]
     if all(code == 0 for code in codes):
         return
-    at_once = [c for c in codes if c and c > 128 and c - 128 in lifecycle.STOP_SIGNALS]
-    if at_once and forwarder.first is not None:  # the ranks said so as they exited
+    signalled = [128 - c if c < 0 else c for c in codes if c is not None and (c < 0 or c > 128)]
+    at_once = [c for c in signalled if _asked_for(c - 128, forwarder)]
+    if at_once:  # the ranks said so as they exited (or died of it before they could)
         raise WorkerFailed("stopped at once by a signal", at_once[0])
     if any(code is not None and code < 0 for code in codes):
         raise WorkerFailed("a rank died")  # its line was printed when it happened
