@@ -13,7 +13,7 @@ import time
 import pytest
 
 from megatron_mel.lifecycle import EXIT_STOPPED
-from tests.e2e.processes import SLOW_STEPS, jsonl_steps, mlflow_runs, send, started
+from tests.e2e.processes import QUICK, SLOW_STEPS, jsonl_steps, mlflow_runs, send, started
 
 pytestmark = pytest.mark.slow
 STEPS = [*SLOW_STEPS, "trainer.num_steps=50"]
@@ -92,7 +92,7 @@ def test_a_worker_killed_mid_step_stops_every_rank(micro_policy, tmp_path):
 
 
 def test_sigkill_of_the_launcher_takes_its_workers(micro_policy, tmp_path):
-    with started(tmp_path / "run", micro_policy, *STEPS) as run:
+    with started(tmp_path / "run", micro_policy, *QUICK, "trainer.num_steps=500") as run:
         run.wait_for_checkpoint(1)
         assert len(run.processes()) > 1
         run.proc.kill()

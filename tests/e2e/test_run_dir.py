@@ -65,7 +65,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
 
 def test_a_second_run_on_a_live_run_dir_is_refused_and_changes_nothing(micro_policy, tmp_path):
     run_dir = tmp_path / "run"
-    slow = ["reward.function=tests.contracts.rewards:slow_even_length", "trainer.num_steps=50"]
+    slow = ["reward.function=tests.contracts.rewards:slow_even_length", "trainer.num_steps=50",
+            "tracking.backend=console"]  # fmt: skip
     with started(run_dir, micro_policy, *STEPS, *slow, new_session=True) as first:
         first.wait_for_checkpoint(1)
         rank0 = first.workers()[0].pid
@@ -194,9 +195,8 @@ def _in_small_filesystem(mount: Path, command: list[str]) -> list[str] | None:
 
 def test_a_disk_full_during_save_is_one_line(micro_policy, tmp_path):
     mount = tmp_path / "small"
-    command = _in_small_filesystem(
-        mount, train_command(tmp_path / "run", micro_policy, *STEPS, f"checkpoint.dir={mount}")
-    )
+    overrides = [*STEPS, f"checkpoint.dir={mount}", "tracking.backend=console"]
+    command = _in_small_filesystem(mount, train_command(tmp_path / "run", micro_policy, *overrides))
     if command is None:
         pytest.skip("needs `unshare -m` (root) or unprivileged user namespaces to mount a tmpfs")
     proc = subprocess.run(command, env=train_env(), capture_output=True, text=True, timeout=300)

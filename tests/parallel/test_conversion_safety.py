@@ -54,18 +54,19 @@ def test_overwrite_replaces_the_directory_as_a_whole(overwritten):
 
 
 def test_re_export_at_another_pp_leaves_no_stale_shards(overwritten, tmp_path):
+    """An HF directory exported at PP=2 (two shards and an index) re-exported at PP=1."""
     from transformers import AutoModelForCausalLM
 
     from megatron_mel.convert.hf_io import HFCheckpointReader
 
     hf = tmp_path / "hf"
-    first = run_convert_tool("mcore-to-hf", "--mcore-dir", str(overwritten), "--out-dir", str(hf),
-                             "--pp", "2")  # fmt: skip
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (hf / "model.safetensors.index.json").is_file()
-    again = run_convert_tool("mcore-to-hf", "--mcore-dir", str(overwritten), "--out-dir", str(hf),
-                             "--pp", "1", "--overwrite")  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
+    hf.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (hf / name).write_bytes(b"old shard")
+    (hf / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    proc = run_convert_tool("mcore-to-hf", "--mcore-dir", str(overwritten), "--out-dir", str(hf),
+                            "--overwrite")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     weights = sorted(p.name for p in hf.iterdir() if "safetensors" in p.name)
     assert weights == ["model.safetensors"]  # the PP=2 shards and index are gone
     ours = set(HFCheckpointReader(hf).names())
