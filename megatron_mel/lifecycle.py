@@ -135,12 +135,11 @@ def agree_to_stop() -> ShutdownRequest | None:
     import torch
     import torch.distributed as dist
 
+    from megatron_mel import platform
+
     if not (dist.is_available() and dist.is_initialized()):
         return _request
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    flag = torch.tensor([0 if _request is None else 1], dtype=torch.int32, device=device)
+    flag = platform.collective_tensor([0 if _request is None else 1], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if int(flag.item()) == 0:
         return None

@@ -153,10 +153,10 @@ def test_a_huge_prompt_is_dropped_without_being_tokenized(micro_policy, tmp_path
 
     monkeypatch.setattr(PromptFormatter, "solve_prompt", recording)
     monkeypatch.setattr(build, "RewardPool", NoPool)
-    monkeypatch.setattr(build, "build_engine", lambda cfg, arch: None)
+    monkeypatch.setattr(build, "build_engine", lambda *args, **kwargs: None)
     cfg = load_config(RECIPE, [f"model.hf_dir={micro_policy}", f"launch.run_dir={tmp_path}"])
     huge = "1 + " * 1_250_000 + "1 = ?"
     train = [Problem("small", "What is 2 + 3?", "5", "t:1"), Problem("huge", huge, "1", "t:2")]
-    driver = build.build_driver(cfg, load_arch(micro_policy), train, {})
+    driver = build.build_driver(cfg, load_arch(micro_policy), train, {}, layout=None)
     assert [p.id for p in driver.sampler.problems] == ["small"]
     assert max(asked) < 100_000, max(asked)
