@@ -2,26 +2,109 @@
 
 A background launcher that gets SIGTERM, a Ctrl-C to the terminal's process group, a second
 signal, a worker killed mid-step (the OOM killer's SIGKILL) and a SIGKILLed launcher: each ends
-the whole run as documented, and no process of it is left.
+the whole run as documented, and no process of it is left. The five runs go side by side (their
+steps mostly sleep in a slow reward), each test checks one of them.
 """
 
 from __future__ import annotations
 
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import pytest
 
 from megatron_mel.lifecycle import EXIT_STOPPED
-from tests.e2e.processes import QUICK, SLOW_STEPS, jsonl_steps, mlflow_runs, send, started
+from tests.e2e.processes import QUICK, SLOW_STEPS, Run, jsonl_steps, mlflow_runs, send, started
 
 pytestmark = pytest.mark.slow
 STEPS = [*SLOW_STEPS, "trainer.num_steps=50"]
 
 
-def _assert_stopped_at_a_checkpoint(run, signal_name: str) -> None:
-    assert run.proc.returncode == EXIT_STOPPED, run.stderr()[-3000:]
-    stderr = run.stderr()
+@dataclass
+class Outcome:
+    run: Run
+    stderr: str = ""
+    left: list = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+
+
+def _sigterm_to_launcher(run: Run, out: Outcome) -> None:
+    run.wait_for_checkpoint(1)
+    send(run.proc.pid, signal.SIGTERM)  # the launcher only, as `kill PID` does
+    run.proc.wait(timeout=180)
+
+
+def _ctrl_c(run: Run, out: Outcome) -> None:
+    run.wait_for_checkpoint(1)
+    send(run.proc.pid, signal.SIGINT, group=True)  # a terminal's Ctrl-C: the whole group
+    run.proc.wait(timeout=180)
+
+
+def _twice(run: Run, out: Outcome) -> None:
+    run.wait_for_checkpoint(1)
+    send(run.proc.pid, signal.SIGTERM)
+    time.sleep(1.5)  # past the window in which a repeat counts as the same request
+    send(run.proc.pid, signal.SIGTERM)
+    run.proc.wait(timeout=120)
+
+
+def _kill_rank1(run: Run, out: Outcome) -> None:
+    run.wait_for_checkpoint(1)
+    out.notes["before"] = len(run.processes())
+    rank1 = run.workers()[1]
+    out.notes["pid"] = rank1.pid
+    killed_at = time.monotonic()
+    rank1.kill()
+    run.proc.wait(timeout=30)  # the criterion: the run exits within 30 s
+    out.notes["exited_after"] = time.monotonic() - killed_at
+
+
+def _kill_launcher(run: Run, out: Outcome) -> None:
+    run.wait_for_checkpoint(1)
+    out.notes["before"] = len(run.processes())
+    run.proc.kill()
+    run.proc.wait(timeout=10)
+
+
+SCENARIOS = {
+    "sigterm": (_sigterm_to_launcher, STEPS, False),
+    "ctrl_c": (_ctrl_c, STEPS, True),
+    "twice": (_twice, STEPS, False),
+    "kill_rank1": (_kill_rank1, [*STEPS, "parallel.tp=2"], False),
+    "kill_launcher": (_kill_launcher, [*QUICK, "trainer.num_steps=500"], False),
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(micro_policy, tmp_path_factory) -> dict[str, Outcome]:
+    def play(name: str) -> Outcome:
+        action, overrides, new_session = SCENARIOS[name]
+        run_dir = tmp_path_factory.mktemp(name) / "run"
+        with started(run_dir, micro_policy, *overrides, new_session=new_session) as run:
+            out = Outcome(run)
+            try:
+                action(run, out)
+            except Exception as exc:  # reported by this scenario's test, not the others'
+                out.notes["error"] = f"{type(exc).__name__}: {exc}"
+            out.left = run.wait_gone(timeout=30)
+            out.stderr = run.stderr()
+        return out
+
+    with ThreadPoolExecutor(len(SCENARIOS)) as pool:
+        futures = {name: pool.submit(play, name) for name in SCENARIOS}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _played(out: Outcome) -> Outcome:
+    assert "error" not in out.notes, f"{out.notes['error']}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _assert_stopped_at_a_checkpoint(out: Outcome, signal_name: str) -> None:
+    run, stderr = _played(out).run, out.stderr
+    assert run.proc.returncode == EXIT_STOPPED, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     # The step in progress was finished and checkpointed, then the run stopped.
     latest = (run.run_dir / "checkpoints" / "latest").read_text().strip()
@@ -30,71 +113,48 @@ def _assert_stopped_at_a_checkpoint(run, signal_name: str) -> None:
     assert f"stopped by {signal_name} after step {last}" in stderr
     (mlflow_run,) = mlflow_runs(run.run_dir)
     assert mlflow_run.info.status == "KILLED"
-    assert run.wait_gone(timeout=20) == []
+    assert out.left == []
 
 
-def test_sigterm_to_a_background_launcher_stops_at_a_checkpoint(micro_policy, tmp_path):
+def test_sigterm_to_a_background_launcher_stops_at_a_checkpoint(outcomes):
     """`megatron-mel train ... &` then `kill PID`: the workers stop too, after a final save."""
-    with started(tmp_path / "run", micro_policy, *STEPS) as run:
-        run.wait_for_checkpoint(1)
-        send(run.proc.pid, signal.SIGTERM)  # the launcher only, as `kill PID` does
-        run.proc.wait(timeout=120)
-        _assert_stopped_at_a_checkpoint(run, "SIGTERM")
+    _assert_stopped_at_a_checkpoint(outcomes["sigterm"], "SIGTERM")
 
 
-def test_ctrl_c_stops_the_same_way_without_tracebacks(micro_policy, tmp_path):
+def test_ctrl_c_stops_the_same_way_without_tracebacks(outcomes):
     """A terminal's Ctrl-C reaches every process of the foreground group at once."""
-    with started(tmp_path / "run", micro_policy, *STEPS, new_session=True) as run:
-        run.wait_for_checkpoint(1)
-        send(run.proc.pid, signal.SIGINT, group=True)
-        run.proc.wait(timeout=120)
-        _assert_stopped_at_a_checkpoint(run, "SIGINT")
+    _assert_stopped_at_a_checkpoint(outcomes["ctrl_c"], "SIGINT")
 
 
-def test_a_second_signal_exits_at_once(micro_policy, tmp_path):
-    with started(tmp_path / "run", micro_policy, *STEPS) as run:
-        run.wait_for_checkpoint(1)
-        send(run.proc.pid, signal.SIGTERM)
-        time.sleep(1.5)  # past the window in which a repeat counts as the same request
-        send(run.proc.pid, signal.SIGTERM)
-        run.proc.wait(timeout=60)
-        assert run.proc.returncode == 128 + signal.SIGTERM, run.stderr()[-3000:]
-        assert "SIGTERM again: exiting now without a final checkpoint" in run.stderr()
-        assert "Traceback" not in run.stderr()
-        # Step 2 was still scoring (>= 4 s): it was abandoned, not saved.
-        assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step_000001"
-        (mlflow_run,) = mlflow_runs(run.run_dir)
-        assert mlflow_run.info.status == "KILLED"
-        assert run.wait_gone(timeout=20) == []
+def test_a_second_signal_exits_at_once(outcomes):
+    out = _played(outcomes["twice"])
+    run, stderr = out.run, out.stderr
+    assert run.proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "SIGTERM again: exiting now without a final checkpoint" in stderr
+    assert "Traceback" not in stderr
+    # Step 2 was still scoring (>= 4 s): it was abandoned, not saved.
+    assert (run.run_dir / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    (mlflow_run,) = mlflow_runs(run.run_dir)
+    assert mlflow_run.info.status == "KILLED"
+    assert out.left == []
 
 
-def test_a_worker_killed_mid_step_stops_every_rank(micro_policy, tmp_path):
+def test_a_worker_killed_mid_step_stops_every_rank(outcomes):
     """The OOM killer's SIGKILL on rank 1 of 2: one line naming the rank and the signal, the run
     ends within 30 s, the driver marks MLflow FAILED, and nothing of the run is left."""
-    with started(tmp_path / "run", micro_policy, *STEPS, "parallel.tp=2") as run:
-        run.wait_for_checkpoint(1)
-        before = run.processes()
-        rank1 = run.workers()[1]
-        killed_at = time.monotonic()
-        rank1.kill()
-        run.proc.wait(timeout=30)  # the criterion: the run exits within 30 s
-        exited_after = time.monotonic() - killed_at
-        left = run.wait_gone(timeout=10)
-        print(f"worker SIGKILL: run exited after {exited_after:.1f} s; {len(before)} processes "
-              f"before, {len(left)} left")  # fmt: skip
-        assert run.proc.returncode == 1
-        assert left == []
-        (line,) = run.error_lines()
-        assert f"rank 1 (pid {rank1.pid}) died from SIGKILL" in line
-        assert "Traceback" not in run.stderr()
-        (mlflow_run,) = mlflow_runs(run.run_dir)
-        assert mlflow_run.info.status == "FAILED"
+    out = _played(outcomes["kill_rank1"])
+    print(f"worker SIGKILL: run exited after {out.notes['exited_after']:.1f} s; "
+          f"{out.notes['before']} processes before, {len(out.left)} left")  # fmt: skip
+    assert out.run.proc.returncode == 1
+    assert out.left == []
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert f"rank 1 (pid {out.notes['pid']}) died from SIGKILL" in line
+    assert "Traceback" not in out.stderr
+    (mlflow_run,) = mlflow_runs(out.run.run_dir)
+    assert mlflow_run.info.status == "FAILED"
 
 
-def test_sigkill_of_the_launcher_takes_its_workers(micro_policy, tmp_path):
-    with started(tmp_path / "run", micro_policy, *QUICK, "trainer.num_steps=500") as run:
-        run.wait_for_checkpoint(1)
-        assert len(run.processes()) > 1
-        run.proc.kill()
-        run.proc.wait(timeout=10)
-        assert run.wait_gone(timeout=30) == []
+def test_sigkill_of_the_launcher_takes_its_workers(outcomes):
+    out = _played(outcomes["kill_launcher"])
+    assert out.notes["before"] > 1
+    assert out.left == []

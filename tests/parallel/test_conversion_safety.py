@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 
-from megatron_mel.convert.manifest import verify
 from tests.conftest import run_convert_tool
 
 pytestmark = pytest.mark.slow
@@ -47,6 +46,8 @@ def overwritten(tiny_models, tmp_path_factory):
 
 
 def test_overwrite_replaces_the_directory_as_a_whole(overwritten):
+    from megatron_mel.convert.manifest import verify
+
     assert not (overwritten / "model" / "__1_0.distcp").exists()
     assert not (overwritten / "trainer_state.json").exists()
     assert verify(overwritten) is True  # every file it has is its own, checksummed
