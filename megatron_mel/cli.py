@@ -42,8 +42,8 @@ def _parity(argv: list[str]) -> int:
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
     try:
         run_workers(run_parity, args.tp * args.pp, hf_dir, args.tp, args.pp, args.dtype, tolerance)
-    except WorkerFailed:
-        return 1
+    except WorkerFailed as exc:
+        return exc.exit_code
     return 0
 
 
@@ -76,14 +76,16 @@ def _train(argv: list[str]) -> int:
     from pathlib import Path
 
     from megatron_mel.config import load_config
+    from megatron_mel.data.datasets import load_run_datasets
     from megatron_mel.launch import WorkerFailed, already_launched, run_workers
     from megatron_mel.models.arch import load_arch
-    from megatron_mel.trainer.build import load_datasets
-    from megatron_mel.trainer.loop import train
+    from megatron_mel.run_dir import check_run_dir
 
     args = _recipe_args("train", argv)
     cfg = load_config(args.recipe, args.overrides)
+    check_run_dir(cfg.launch.run_dir)
     arch = load_arch(cfg.model.hf_dir)
+    _check_model_files(cfg.model.hf_dir)
     from megatron_mel.platform import launcher_env
 
     # Under torchrun/srun the launcher decides the world size (DP is inferred from it);
@@ -93,15 +95,26 @@ def _train(argv: list[str]) -> int:
     else:
         world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
     arch.validate_layout(cfg.parallel, world)
-    load_datasets(cfg)  # a bad record fails here, naming file:line and key
+    load_run_datasets(cfg)  # a bad record fails here, naming file:line and key
     from megatron_mel.hooks import RewardFn, load_hook
 
     load_hook(cfg.reward.function, RewardFn, key="reward.function")
     try:
-        run_workers(train, world, cfg, Path(args.recipe).stem)
-    except WorkerFailed:
-        return 1
+        # By name: this process never imports megatron-core (seconds of start-up saved).
+        run_workers("megatron_mel.trainer.loop:train", world, cfg, Path(args.recipe).stem,
+                    graceful_stop=True)  # fmt: skip
+    except WorkerFailed as exc:  # its line is printed; the code says why (lifecycle.EXIT_*)
+        return exc.exit_code
     return 0
+
+
+def _check_model_files(hf_dir: str) -> None:
+    """Weights readable (safetensors headers) and a tokenizer present: one line naming the file
+    now, instead of a traceback from a worker later."""
+    from megatron_mel.convert.hf_io import HFCheckpointReader, check_tokenizer_files
+
+    HFCheckpointReader(hf_dir)
+    check_tokenizer_files(hf_dir)
 
 
 def _eval(argv: list[str]) -> int:
@@ -112,7 +125,9 @@ def _eval(argv: list[str]) -> int:
     overrides = list(args.overrides)
     if args.hf_dir:
         overrides.append(f"model.hf_dir={args.hf_dir}")
-    return run_eval(load_config(args.recipe, overrides))
+    cfg = load_config(args.recipe, overrides)
+    _check_model_files(cfg.model.hf_dir)
+    return run_eval(cfg)
 
 
 def _assets(argv: list[str]) -> int:
@@ -177,7 +192,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_mel import lifecycle
     from megatron_mel.console import setup_console
+    from megatron_mel.platform import launcher_env
 
     setup_console()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -187,11 +204,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    # Under torchrun/srun every rank runs this; one of them says what happened.
+    speaks = launcher_env()[0] == 0
     try:
         return COMMANDS[argv[0]](argv[1:])
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if speaks:
+            print(f"error: {exc}", file=sys.stderr)
+        return lifecycle.EXIT_USAGE
+    except lifecycle.RunStopped as exc:
+        if speaks:
+            print(exc, file=sys.stderr)
+        return lifecycle.EXIT_STOPPED
+    except KeyboardInterrupt:  # Ctrl-C before the workers (and their handler) started
+        print("interrupted", file=sys.stderr)
+        return 128 + 2
 
 
 if __name__ == "__main__":

@@ -442,6 +442,20 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
+    def __post_init__(self) -> None:
+        algo, group = self.algorithm, self.rollout.samples_per_prompt
+        estimator = algo.advantage or ("reinforce_pp" if algo.name == "reinforce_pp" else "grpo")
+        relative = algo.name != "rft" and estimator in ("grpo", "rloo")
+        _require(
+            group >= 2 or not (relative or algo.uses_meta_experience),
+            "rollout.samples_per_prompt",
+            f"is 1, but {algo.name} "
+            + (f"compares each response with its group ({estimator} advantages are all 0 "
+               "with one response, so nothing is learned)" if relative else
+               "needs mixed groups (a correct and a wrong response) for meta-experiences")
+            + "; use >= 2, or algorithm.name=rft / reinforce_pp",
+        )  # fmt: skip
+
 
 def _require(ok: bool, key: str, expectation: str) -> None:
     if not ok:

@@ -59,6 +59,10 @@ def load_config(
         key, value = _parse_override(item)
         _set_dotted(data, key, value)
         origins[key] = f"--set {key}"
+        # A section the override created (``--set nosuch.key=1``) is the override's doing too.
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            origins.setdefault(".".join(parts[:i]), f"--set {key}")
     try:
         return from_dict(cls, data, prefix="", origins=origins, source=source)
     except ConfigError:
@@ -70,7 +74,24 @@ def load_config(
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    return path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}:{_line_of(raw, exc.start)}: {not_utf8(raw, exc)}") from None
+
+
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
+def not_utf8(raw: bytes, exc: UnicodeDecodeError, of: str = "the file") -> str:
+    """What to say about bytes that are not UTF-8 (shared by the recipe and dataset readers)."""
+    byte = raw[exc.start : exc.start + 1].hex()
+    return (
+        f"not UTF-8 text (byte 0x{byte} at offset {exc.start} of {of}); save the file as "
+        "UTF-8, e.g. with `iconv -f latin1 -t utf-8`"
+    )
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

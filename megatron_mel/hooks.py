@@ -39,6 +39,14 @@ def split_path(path: str) -> tuple[str, str]:
     return module, attr
 
 
+def _origin(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc`` (where the hook's module raised)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+
+
 def load_hook(path: str, protocol: type, *, key: str = "hook") -> Callable:
     """Import ``path`` and check it fits ``protocol``; ConfigError naming ``key`` otherwise."""
     module_name, attr = split_path(path)
@@ -46,6 +54,11 @@ def load_hook(path: str, protocol: type, *, key: str = "hook") -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{key}: cannot import {module_name!r} ({exc})") from exc
+    except Exception as exc:  # the module itself raised while being imported
+        raise ConfigError(
+            f"{key}: importing {module_name!r} raised {type(exc).__name__}: {exc} "
+            f"(at {_origin(exc)}); fix the module or point {key} at another one"
+        ) from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise ConfigError(f"{key}: {module_name!r} has no callable {attr!r}")

@@ -7,6 +7,12 @@ to the run id saved in its checkpoint, so one MLflow run shows the whole trainin
 
 Only the driver rank (global rank 0) talks to MLflow; the other ranks get a tracker whose calls
 do nothing, so call sites need no rank checks.
+
+A resumed run re-runs the steps after its checkpoint. Their JSONL lines are trimmed
+(:meth:`Tracker.forget_after`); MLflow cannot delete metric points, so every batch carries the
+tag ``mel.last_logged_step`` and steps at or below it are not sent again. MLflow's HTTP client
+gets bounded waits (timeout, retries with backoff; the ``MLFLOW_HTTP_REQUEST_*`` variables win
+when set), and the run is marked when the process must exit at once (lifecycle.on_exit_now).
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from megatron_mel import lifecycle
 from megatron_mel.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 _PARAM_MAX = 500  # MLflow rejects longer parameter values on some stores
+LAST_STEP_TAG = "mel.last_logged_step"
+# A metrics batch is a few kB: 30 s per request is ample; 3 retries back off 1, 2, 4 s.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
 
 
 class Tracker:
@@ -43,6 +54,7 @@ class Tracker:
         self._client = None
         self._started = time.monotonic()
         self._first_step: int | None = None
+        self._mlflow_logged_through = 0
         # Every logged metric also lands in a JSONL file: greppable, and independent of MLflow.
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         if enabled:
@@ -59,11 +71,14 @@ class Tracker:
             or (f"sqlite:///{run_dir / 'mlflow.db'}")
         )
         self.tracking_uri = uri
+        for key, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
         client = MlflowClient(tracking_uri=uri)
         run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
         if run_id:
             run = client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
+            self._mlflow_logged_through = int(run.data.tags.get(LAST_STEP_TAG, 0))
         else:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.experiment
             experiment = client.get_experiment_by_name(name)
@@ -79,6 +94,7 @@ class Tracker:
                 client.log_param(run.info.run_id, key, str(value)[:_PARAM_MAX])
         self._client = client
         self.run_id = run.info.run_id
+        lifecycle.on_exit_now(self.close)
 
     def forget_after(self, step: int) -> None:
         """Drop JSONL records of steps after ``step`` (a resumed run redoes them)."""
@@ -93,13 +109,14 @@ class Tracker:
             return
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
-        if self._client is None:
-            return
-        from mlflow.entities import Metric
+        if self._client is None or step <= self._mlflow_logged_through:
+            return  # a re-run step of a resumed run: MLflow has it already
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
-        self._client.log_batch(self.run_id, metrics=batch)
+        self._client.log_batch(self.run_id, metrics=batch, tags=[RunTag(LAST_STEP_TAG, str(step))])
+        self._mlflow_logged_through = step
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._client is not None and Path(path).exists():
@@ -125,6 +142,6 @@ class Tracker:
         return line
 
     def close(self, status: str = "FINISHED") -> None:
-        if self._client is not None:
-            self._client.set_terminated(self.run_id, status=status)
-            self._client = None
+        client, self._client = self._client, None  # once, whichever thread gets here first
+        if client is not None:
+            client.set_terminated(self.run_id, status=status)

@@ -10,8 +10,9 @@ All functions here are collective: every rank of the job calls them with its own
 * :func:`save_hf` - each pipeline stage's leader writes its layers' safetensors shard; global rank
   0 writes the index and the config/tokenizer files.
 * :func:`save_mcore` / :func:`load_mcore` - a megatron-core ``torch_dist`` checkpoint plus
-  ``mel_model.json`` (architecture, dtype, padded vocab, layout it was saved at). It loads at any
-  TP/PP because sharded tensors carry global shapes and offsets.
+  ``mel_model.json`` (architecture, dtype, padded vocab, layout it was saved at) and the
+  checksum manifest (convert/manifest.py), verified before loading. It loads at any TP/PP
+  because sharded tensors carry global shapes and offsets.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron_mel import platform
 from megatron_mel.config import ConfigError
-from megatron_mel.convert import hf_io
+from megatron_mel.convert import hf_io, manifest
 from megatron_mel.convert.mapping import MappingError, ParamMapping, map_param
 from megatron_mel.convert.metadata import (
     MCORE_SUBDIR,
@@ -180,12 +181,15 @@ def save_mcore(
             hf_files_from=hf_metadata_from,
         )
     dist.barrier()
+    manifest.collective_write(root)
 
 
 def load_mcore(chunks: list[torch.nn.Module], ckpt_dir: str | Path, padded_vocab: int) -> None:
-    """Load a dist-checkpoint into this rank's chunks (collective over all ranks)."""
+    """Load a dist-checkpoint into this rank's chunks (collective over all ranks); its files are
+    checked against the manifest first (CorruptCheckpoint names a bad file)."""
     root = Path(ckpt_dir)
     meta = read_mcore_metadata(root)
+    manifest.collective_verify(root)
     if meta["padded_vocab_size"] != padded_vocab:
         raise ConfigError(
             f"{root / METADATA_NAME}: checkpoint vocab is padded to {meta['padded_vocab_size']} "

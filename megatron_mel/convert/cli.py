@@ -3,19 +3,26 @@
     python tools/convert_checkpoint.py hf-to-mcore --hf-dir H --out-dir M --tp T --pp P [--verify]
     python tools/convert_checkpoint.py mcore-to-hf --mcore-dir M --out-dir H2 \
         [--hf-config-from H] [--tp T --pp P] [--verify]
+    (both: [--overwrite] to replace a non-empty --out-dir)
 
 Both run on T x P ranks: under torchrun/srun on the launched ranks, otherwise on local workers
 spawned here (gloo on CPU). Inputs are validated in the parent before any worker starts.
 ``--verify`` runs a fixed batch through Megatron (loaded from the written/read checkpoint) and
 through transformers (from the HF side) and prints the max abs logit difference; it exits 1 when
 the difference exceeds ``--tolerance``.
+
+The output is written beside ``--out-dir`` (``.<name>.partial-<job>``) and renamed into place
+when complete, so a failed conversion leaves nothing half-written. A non-empty ``--out-dir`` is
+refused unless ``--overwrite``, which replaces the directory as a whole: no shard or index of
+the old contents survives. Megatron checkpoints carry a checksum manifest, verified on read.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from megatron_mel.config import ConfigError, ModelConfig, ParallelConfig
@@ -30,6 +37,9 @@ class ConvertJob:
     hf_dir: str  # source (hf-to-mcore) or metadata source (mcore-to-hf)
     mcore_dir: str
     out_dir: str
+    """Where the workers write (a staging directory beside ``publish_dir``)."""
+    publish_dir: str
+    """The --out-dir the result is renamed to."""
     tp: int
     pp: int
     dtype: str
@@ -46,8 +56,14 @@ def plan_job(args: argparse.Namespace) -> tuple[ConvertJob, ModelArch]:
     """Validate the command line cheaply (no megatron import) and describe the job."""
     from megatron_mel.config import read_hf_config
 
+    for flag, value in (("--tp", args.tp), ("--pp", args.pp)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1 (ranks to run with)")
     if args.direction == "hf-to-mcore":
+        from megatron_mel.convert.hf_io import HFCheckpointReader
+
         arch = load_arch(args.hf_dir)
+        HFCheckpointReader(args.hf_dir)  # a truncated or missing weight file, named now
         dtype = args.dtype or _hf_dtype(read_hf_config(args.hf_dir))
         hf_dir, mcore_dir = args.hf_dir, args.out_dir
     else:
@@ -66,6 +82,8 @@ def plan_job(args: argparse.Namespace) -> tuple[ConvertJob, ModelArch]:
                 f"{hf_dir}: no config.json to copy into the HF export; pass --hf-config-from"
             )
         mcore_dir = args.mcore_dir
+    source = args.hf_dir if args.direction == "hf-to-mcore" else args.mcore_dir
+    check_out_dir(Path(args.out_dir), Path(source), overwrite=args.overwrite)
     arch.validate_layout(ParallelConfig(tp=args.tp, pp=args.pp), args.tp * args.pp)
     tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[dtype]
     job = ConvertJob(
@@ -73,6 +91,7 @@ def plan_job(args: argparse.Namespace) -> tuple[ConvertJob, ModelArch]:
         hf_dir=str(hf_dir),
         mcore_dir=str(mcore_dir),
         out_dir=str(args.out_dir),
+        publish_dir=str(args.out_dir),
         tp=args.tp,
         pp=args.pp,
         dtype=dtype,
@@ -80,6 +99,43 @@ def plan_job(args: argparse.Namespace) -> tuple[ConvertJob, ModelArch]:
         tolerance=tolerance,
     )
     return job, arch
+
+
+def check_out_dir(out: Path, source: Path, *, overwrite: bool) -> None:
+    """Refuse an --out-dir that is a file, holds the input, or is non-empty without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out}: is a file, not a directory")
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or dst in src.parents:
+        raise ConfigError(f"--out-dir {out}: contains the input {source}; write somewhere else")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigError(
+            f"--out-dir {out}: not empty ({len(names)} entries: {shown}); pass --overwrite to "
+            "replace it as a whole, or choose an empty directory"
+        )
+
+
+def staged(job: ConvertJob, job_id: str, *, leader: bool) -> ConvertJob:
+    """The job writing into a staging directory beside its --out-dir (emptied by the leader,
+    before any rank can write: every writer waits for it in a barrier first)."""
+    out = Path(job.publish_dir)
+    staging = out.parent / f".{out.name}.partial-{job_id}"
+    if leader:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+    return replace(job, out_dir=str(staging))
+
+
+def publish(job: ConvertJob, job_id: str) -> None:
+    """Put the finished staging directory in place of --out-dir (the old one as a whole)."""
+    staging, out = Path(job.out_dir), Path(job.publish_dir)
+    old = out.parent / f".{out.name}.old-{job_id}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_job(job: ConvertJob, arch: ModelArch) -> None:
@@ -106,7 +162,7 @@ def run_job(job: ConvertJob, arch: ModelArch) -> None:
                 padded_vocab=padded,
                 hf_metadata_from=job.hf_dir,
             )
-            _say(f"saved Megatron checkpoint to {job.out_dir} (tp={job.tp} pp={job.pp})")
+            _say(f"saved Megatron checkpoint to {job.publish_dir} (tp={job.tp} pp={job.pp})")
             if job.verify:
                 fresh = build_model_chunks(arch, model_cfg, parallel)
                 checkpoint.load_mcore(fresh, job.out_dir, padded)
@@ -114,7 +170,7 @@ def run_job(job: ConvertJob, arch: ModelArch) -> None:
         else:
             checkpoint.load_mcore(chunks, job.mcore_dir, padded)
             checkpoint.save_hf(chunks, arch, job.out_dir, metadata_from=job.hf_dir)
-            _say(f"saved HF checkpoint to {job.out_dir}")
+            _say(f"saved HF checkpoint to {job.publish_dir}")
             if job.verify:
                 _verify(chunks, arch, job.out_dir, job)
     finally:
@@ -160,6 +216,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         p.add_argument("--dtype", choices=sorted(DEFAULT_TOLERANCE), default=None)
         p.add_argument("--verify", action="store_true", help="compare logits with transformers")
         p.add_argument("--tolerance", type=float, default=None)
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace a non-empty --out-dir as a whole (written aside, then renamed)",
+        )
     return parser
 
 
@@ -168,14 +229,25 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_console()
     args = build_parser().parse_args(argv)
-    from megatron_mel.launch import WorkerFailed, run_workers
+    from megatron_mel.launch import WorkerFailed, run_id, run_workers
+    from megatron_mel.platform import launcher_env
 
+    leader = launcher_env()[0] == 0  # under torchrun every rank runs this; rank 0 publishes
+    job_id = run_id()
+    job = None
     try:
         job, arch = plan_job(args)
+        job = staged(job, job_id, leader=leader)
         run_workers(run_job, job.tp * job.pp, job, arch)
+        if leader:
+            publish(job, job_id)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if leader:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    except WorkerFailed:
-        return 1
+    except WorkerFailed as exc:
+        return exc.exit_code
+    finally:
+        if leader and job is not None:
+            shutil.rmtree(job.out_dir, ignore_errors=True)  # a failed attempt leaves nothing
     return 0

@@ -35,6 +35,35 @@ METADATA_FILES = (
 )
 
 
+def _tensor_names(path: Path) -> list[str]:
+    """Names in a safetensors file; ConfigError naming the file if it is truncated or broken
+    (safetensors checks that the header's offsets cover the file exactly)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing (named by {INDEX_NAME})")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # SafetensorError is not exported under a stable name
+        raise ConfigError(
+            f"{path}: not a readable safetensors file ({exc}); the file is truncated or "
+            "damaged: copy or download it again"
+        ) from None
+
+
+def check_tokenizer_files(hf_dir: str | Path, key: str = "model.hf_dir") -> None:
+    """ConfigError unless ``hf_dir`` holds a tokenizer transformers can load without extras
+    (its own error for a missing tokenizer.json suggests installing sentencepiece)."""
+    d = Path(hf_dir)
+    if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
+        return
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return
+    raise ConfigError(
+        f"{key}: {d} has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json + "
+        "merges.txt); copy the tokenizer files from the original model directory"
+    )
+
+
 class HFCheckpointReader:
     """Name -> tensor access over the safetensors files of an HF directory."""
 
@@ -44,11 +73,16 @@ class HFCheckpointReader:
             raise ConfigError(f"HF model directory {str(self.dir)!r} does not exist")
         index = self.dir / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(f"{index}: not a safetensors index ({exc})") from None
+            for file in sorted(set(weight_map.values())):
+                _tensor_names(self.dir / file)
             self.files = {name: self.dir / file for name, file in weight_map.items()}
         elif (self.dir / SINGLE_NAME).is_file():
-            with safe_open(self.dir / SINGLE_NAME, framework="pt") as f:
-                self.files = {name: self.dir / SINGLE_NAME for name in f.keys()}  # noqa: SIM118
+            names = _tensor_names(self.dir / SINGLE_NAME)
+            self.files = dict.fromkeys(names, self.dir / SINGLE_NAME)
         else:
             raise ConfigError(
                 f"{self.dir}: no {SINGLE_NAME} or {INDEX_NAME} (only safetensors checkpoints "

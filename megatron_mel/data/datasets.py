@@ -1,18 +1,23 @@
 """Prompt datasets (JSONL or Parquet) with configurable field names, validated up front.
 
 Every record must hold the configured id / question / answer fields; keys may be dotted paths
-into nested records (``reward_model.ground_truth``). A line that is not JSON, or lacks a field,
-fails at load time with ``file:line`` and the key, before any model is built.
+into nested records (``reward_model.ground_truth``). A line that is not JSON or not UTF-8, a
+Parquet file that does not read, or a record that lacks a field fails at load time with one line
+naming ``file:line`` and the key, before any model is built.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatron_mel.config import ConfigError
+from megatron_mel.config_loader import not_utf8
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +49,23 @@ def _records(path: Path) -> list[tuple[str, Any]]:
             raise ConfigError(
                 f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
             ) from exc
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(
+                f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]}); re-export "
+                "it, or convert it to JSONL"
+            ) from None
         return [(f"{path}:row {i}", row) for i, row in enumerate(rows)]
     if path.suffix not in (".jsonl", ".json"):
         raise ConfigError(f"{path}: expected a .jsonl or .parquet dataset")
     out = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{path}:{number}: {not_utf8(raw, exc, 'the line')}") from None
             if not line.strip():
                 continue
             try:
@@ -90,3 +105,46 @@ def load_problems(
     if not problems:
         raise ConfigError(f"dataset {path} has no records")
     return problems
+
+
+def load_run_datasets(cfg: Any) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """Training prompts and evaluation benchmarks of a RunConfig; fails on bad records before
+    anything heavy (cheap to import: the CLI calls it before starting any worker)."""
+    data = cfg.data
+    keys = dict(id_key=data.id_key, question_key=data.question_key, answer_key=data.answer_key)
+    if not data.train_path:
+        raise ConfigError("data.train_path: a training dataset is required")
+    train = load_problems(data.train_path, **keys)
+    limit = cfg.trainer.eval_limit
+    benchmarks = {
+        name: load_problems(path, **keys)[:limit] for name, path in data.eval_paths.items()
+    }
+    return train, benchmarks
+
+
+def drop_long_prompts(problems: list[Problem], formatter: Any, max_tokens: int) -> list[Problem]:
+    """The problems whose solve prompt fits ``max_tokens`` (data.max_prompt_tokens), in order.
+
+    A token stands for at most ``L`` characters (its longest spelling in the vocabulary), so
+    a question longer than ``2 * max_tokens * L`` characters cannot fit (the factor 2 absorbs
+    normalisers that drop characters) and is dropped without being tokenised: tokenising a
+    50 MB question through a chat template costs gigabytes of memory for nothing.
+    """
+    vocab = formatter.tokenizer.get_vocab()
+    longest = max((len(token) for token in vocab), default=1)
+    char_limit = 2 * max_tokens * max(longest, 1)
+    kept, dropped = [], []
+    for problem in problems:
+        too_long = len(problem.question) > char_limit
+        if too_long or len(formatter.solve_prompt(problem.question)) > max_tokens:
+            dropped.append(problem)
+        else:
+            kept.append(problem)
+    if dropped:
+        log.warning(
+            "data.max_prompt_tokens=%d: dropped %d of %d prompts that are longer (first: %s)",
+            max_tokens, len(dropped), len(problems), dropped[0].source,
+        )  # fmt: skip
+    if not kept:
+        raise ConfigError(f"data.max_prompt_tokens={max_tokens}: every prompt is longer")
+    return kept

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import torch
 
 from megatron_mel.config import RolloutConfig
+from megatron_mel.net.health import backoff_delays
 from megatron_mel.rollout.engine import (
     Completion,
     EngineError,
@@ -380,6 +381,7 @@ class SGLangEngine(RolloutEngine):
     def _flush(self) -> None:
         def flush(url: str) -> None:
             deadline = time.monotonic() + self.flush_timeout_s
+            delays = backoff_delays(first_s=0.25, max_s=4.0)
             while True:  # 400 while requests are still queued or running
                 try:
                     request_json("POST", url + "/flush_cache", timeout=self.control_timeout_s)
@@ -387,7 +389,7 @@ class SGLangEngine(RolloutEngine):
                 except HttpError as exc:
                     if exc.unreachable or time.monotonic() > deadline:
                         raise
-                    time.sleep(0.5)
+                    time.sleep(next(delays))
 
         _, errors = run_parallel([(u, lambda u=u: flush(u)) for u in self.router.healthy])
         raise_engine_errors(errors, "flush_cache")

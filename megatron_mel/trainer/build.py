@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_mel import platform
+from megatron_mel import lifecycle, platform
 from megatron_mel.checkpoint import Checkpointer
 from megatron_mel.config import ConfigError, RunConfig, flatten, read_hf_config
 from megatron_mel.convert.checkpoint import load_hf_weights
-from megatron_mel.data.datasets import Problem, load_problems
+from megatron_mel.data.datasets import Problem, drop_long_prompts
+from megatron_mel.data.datasets import load_run_datasets as load_datasets  # noqa: F401 (loop)
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.data.sampler import PromptSampler
 from megatron_mel.models.arch import ModelArch
@@ -59,20 +60,6 @@ class DriverHandles:
             self.pool.close()
         if self.engine is not None:
             self.engine.shutdown()
-
-
-def load_datasets(cfg: RunConfig) -> tuple[list[Problem], dict[str, list[Problem]]]:
-    """Training prompts and evaluation benchmarks; fails on bad records before anything heavy."""
-    keys = dict(id_key=cfg.data.id_key, question_key=cfg.data.question_key,
-                answer_key=cfg.data.answer_key)  # fmt: skip
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path: a training dataset is required")
-    train = load_problems(cfg.data.train_path, **keys)
-    limit = cfg.trainer.eval_limit
-    benchmarks = {
-        name: load_problems(path, **keys)[:limit] for name, path in cfg.data.eval_paths.items()
-    }
-    return train, benchmarks
 
 
 def build_policy(cfg: RunConfig, arch: ModelArch) -> Actor:
@@ -243,20 +230,15 @@ def build_driver(
         apply_chat_template=cfg.data.apply_chat_template,
         solve_template=cfg.data.prompt_template,
     )
-    pool = RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
-                      timeout_s=cfg.reward.timeout_s)  # fmt: skip
+    with lifecycle.shielded_children():  # the pool stops its workers; signals are the rank's
+        pool = RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
+                          timeout_s=cfg.reward.timeout_s)  # fmt: skip
     templates = ReflectionTemplates.load(
         cfg.reflection.experience_template, cfg.reflection.replay_template
     )
     reflector = Reflector(cfg.reflection, templates, formatter, pool,
                           rollout_max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.launch.seed)  # fmt: skip
-    kept = [
-        p for p in train if len(formatter.solve_prompt(p.question)) <= cfg.data.max_prompt_tokens
-    ]
-    if not kept:
-        raise ConfigError(
-            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}: every prompt is longer"
-        )
+    kept = drop_long_prompts(train, formatter, cfg.data.max_prompt_tokens)
     return DriverHandles(
         engine=build_engine(cfg, arch, layout),
         formatter=formatter,

@@ -10,17 +10,18 @@ the reflection step does nothing.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from megatron_mel import platform
+from megatron_mel import lifecycle, platform
 from megatron_mel.checkpoint import TrainerState
 from megatron_mel.config import RunConfig, dump_yaml
 from megatron_mel.data.datasets import Problem
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.models.arch import load_arch
+from megatron_mel.net.health import check_services
 from megatron_mel.rollout.engine import SamplingParams
 from megatron_mel.rollout.groups import generate_groups
 from megatron_mel.rollout.handoff import Handoff
+from megatron_mel.run_dir import claim_run_dir
 from megatron_mel.tracking import Tracker
 from megatron_mel.trainer import build
 from megatron_mel.trainer.actor import Actor, PolicyRunner
@@ -45,6 +46,8 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     arch.validate_layout(cfg.parallel, platform.launcher_env()[1])
     train_set, benchmarks = build.load_datasets(cfg)  # bad data fails before the model is built
     ctx = platform.init_distributed(cfg.parallel, seed=cfg.model.init_seed)
+    # Before anything is written, started or built: one run per directory, services answer.
+    platform.on_driver(lambda: (claim_run_dir(cfg.launch.run_dir), check_services(cfg)))
     layout = build.build_layout(cfg)
     servers = build.start_servers(cfg, layout)  # engines first: the trainer has not allocated
     driver = platform.on_driver(
@@ -60,7 +63,7 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     latest = ckpt.latest()
     if latest is not None:
         state = ckpt.load(latest, actor)
-        platform.from_driver(lambda: _restore_driver(driver, state, latest))
+        platform.from_driver(lambda: ckpt.restore_driver(driver, state, latest))
     tracker = build.build_tracker(cfg, resume_run_id=state.mlflow_run_id, recipe_name=recipe_name)
     state.mlflow_run_id = tracker.run_id
     tracker.forget_after(state.step)
@@ -71,9 +74,11 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
         # The engine started from the HF weights; give it the checkpoint's, under the version
         # the uninterrupted run would have had.
         sync.sync(version=state.weight_version)
-    status = "FAILED"
+    status, stop = "FAILED", lifecycle.agree_to_stop()
     try:
         for step in range(state.step + 1, cfg.trainer.num_steps + 1):
+            if stop is not None:
+                break
             metrics = _train_step(
                 cfg, step, actor, reference, driver, handoff, state.weight_version
             )
@@ -88,18 +93,15 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
             # the other order could leave a checkpointed step that was never logged.
             tracker.log_metrics(metrics, step)
             tracker.progress(step, metrics, PROGRESS)
-            if ckpt.due(step, metrics["time/step"]):
-                if ctx.is_main:
-                    state.sampler = driver.sampler.state_dict()
-                ckpt.save(state, actor, driver.store)
+            if ckpt.out_of_time(metrics["time/step"]) and step < cfg.trainer.num_steps:
+                lifecycle.request_stop("walltime")
+            stop = lifecycle.agree_to_stop()  # collective: all ranks stop after the same step
+            if ckpt.due(step, metrics["time/step"]) or stop is not None:
+                ckpt.save(state, actor, driver)
                 if ctx.is_main:
                     tracker.log_artifact(driver.store.path, "meta_experiences")
-            if ckpt.out_of_time(metrics["time/step"]) and step < cfg.trainer.num_steps:
-                log.warning("stopping at step %d: the walltime would not fit another step", step)
-                status = "KILLED"
-                break
-        else:
-            status = "FINISHED"
+        stopped = stop is not None and state.step < cfg.trainer.num_steps
+        status = "KILLED" if stopped else "FINISHED"
     finally:
         tracker.close(status)
         sync.close()
@@ -112,6 +114,8 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
             f"MLflow run {tracker.run_id} in {tracker.tracking_uri}; to browse it: "
             f"mlflow ui --backend-store-uri {tracker.tracking_uri} (needs the full `mlflow`)"
         )
+    if stopped:
+        raise lifecycle.RunStopped(stop, step=state.step, checkpoint=ckpt.saved_name)
 
 
 def _train_step(
@@ -214,8 +218,3 @@ def _evaluate(
     tracker.log_artifact(path, "eval")
     print(table, flush=True)
     return {k: v for r in results for k, v in r.metrics().items()}
-
-
-def _restore_driver(driver: DriverHandles, state: TrainerState, checkpoint: Path) -> None:
-    driver.sampler.load_state_dict(state.sampler)
-    driver.store.restore_from(checkpoint)

@@ -19,6 +19,7 @@ import torch
 from megatron_mel.algorithms.advantages import compute_advantages
 from megatron_mel.config import AlgorithmConfig
 from megatron_mel.data.packing import TrainSample
+from megatron_mel.net.health import backoff_delays
 from megatron_mel.rewards.verifier import RewardPool
 from megatron_mel.rollout.engine import EngineError
 from megatron_mel.rollout.groups import RolloutGroup
@@ -50,14 +51,19 @@ def with_retries(fn: Callable[[], T], retries: int, what: str) -> T:
 
     The phase is re-run whole with the same inputs and seeds, so a retried step produces what
     an undisturbed one would have (an engine may return results it finished before failing).
+    Retries back off (0.5 s, 1 s, 2 s, ... at most 10 s) so a restarting server gets time.
     """
+    delays = backoff_delays(first_s=0.5, max_s=10.0)
     for attempt in range(retries + 1):
         try:
             return fn()
         except EngineError as exc:
             if attempt == retries:
                 raise
-            log.warning("%s failed (%s); retry %d of %d", what, exc, attempt + 1, retries)
+            delay = next(delays)
+            log.warning("%s failed (%s); retry %d of %d in %.1f s", what, exc, attempt + 1,
+                        retries, delay)  # fmt: skip
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 

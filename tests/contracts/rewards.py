@@ -24,3 +24,12 @@ def even_length(response: str, answer: str) -> tuple[float, str]:
     """Marks a response correct when its text has even length: a verifier the tests steer,
     so a random micro model still produces mixed groups, pairs and kept meta-experiences."""
     return (1.0, "correct") if len(response) % 2 == 0 else (0.0, "incorrect")
+
+
+def slow_even_length(response: str, answer: str) -> tuple[float, str]:
+    """:func:`even_length` taking 1 s per check: a step that lasts seconds whatever the load,
+    so a test can signal a run in the middle of one."""
+    import time
+
+    time.sleep(1.0)
+    return even_length(response, answer)

@@ -1,0 +1,1 @@
+"""Network plumbing shared by the run's clients (health probes, retry backoff)."""
