@@ -4,8 +4,14 @@ For every mixed group, each (y+, y-) pair becomes one analysis request through t
 engine, at the weight version that produced the rollouts (nothing syncs in between; we assert
 it). A candidate M is dropped if generation hit the length limit (counted), and optionally if it
 leaks the gold answer or lacks heuristics. Each survivor is validated by a replay: the policy
-re-solves the question with M in its prompt, once; M is kept only if that answer verifies. The
-replay is a filter only and is never trained on.
+re-solves the question with M in its prompt, once, sampled like a rollout (rollout.top_p and
+top_k, reflection.replay_temperature) and scored like one (a truncated replay scores 0 unless
+reward.score_truncated); M is kept only if that answer verifies. The replay is a filter only
+and is never trained on.
+
+Every analysis and every replay is its own request, so each draws its own random stream
+(derived from the call's seed and the request id by the engine): the replays of one question
+with different meta-experiences are independent draws.
 
 Kept meta-experiences become NLL samples: context = the exact reflection prompt the engine saw
 ([I, x, y-, y+], chat-formatted), targets = M's generated tokens including the end-of-turn token.
@@ -18,14 +24,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from megatron_mel.config import ReflectionConfig
+from megatron_mel.config import ReflectionConfig, RolloutConfig
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.reflection.pairs import contrastive_pairs, is_mixed
 from megatron_mel.reflection.parsing import leaks_answer, parse_experience
 from megatron_mel.reflection.store import ExperienceRecord
 from megatron_mel.reflection.templates import ReflectionTemplates
-from megatron_mel.rewards.verifier import RewardPool, extract_answer
+from megatron_mel.rewards.verifier import RewardPool, extract_answer, outcome_score
 from megatron_mel.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from megatron_mel.rollout.groups import RolloutGroup
 
@@ -61,14 +67,17 @@ class Reflector:
         formatter: PromptFormatter,
         reward_pool: RewardPool,
         *,
-        rollout_max_new_tokens: int,
+        rollout: RolloutConfig,
+        score_truncated: bool,
         seed: int,
     ) -> None:
         self.cfg = cfg
         self.templates = templates
         self.formatter = formatter
         self.pool = reward_pool
-        self.replay_max_new_tokens = cfg.replay_max_new_tokens or rollout_max_new_tokens
+        self.rollout = rollout
+        self.replay_max_new_tokens = cfg.replay_max_new_tokens or rollout.max_new_tokens
+        self.score_truncated = score_truncated
         self.seed = seed
 
     def run(
@@ -176,6 +185,7 @@ class Reflector:
         versions: set[int],
     ) -> None:
         params = SamplingParams(temperature=self.cfg.replay_temperature,
+                                top_p=self.rollout.top_p, top_k=self.rollout.top_k,
                                 max_new_tokens=self.replay_max_new_tokens,
                                 stop_token_ids=self.formatter.stop_token_ids,
                                 seed=self.seed + 104729 * step)  # fmt: skip
@@ -191,18 +201,15 @@ class Reflector:
             )
             for i, c in enumerate(survivors)
         ]
-        results = engine.generate(requests)
-        texts = []
-        for result in results:
-            completion = result.completions[0]
+        completions = [result.completions[0] for result in engine.generate(requests)]
+        for completion in completions:
             _check_version(completion.weight_version, versions)
             tokens["replay"] += len(completion.token_ids)
-            texts.append(
-                "" if completion.truncated else self.formatter.decode(completion.token_ids)
-            )
+        texts = [self.formatter.decode(c.token_ids) for c in completions]
         scores = self.pool.score([(t, c.group.problem.answer) for t, c in zip(texts, survivors)])
-        for candidate, text, score in zip(survivors, texts, scores):
-            candidate.replay_answer = extract_answer(text) if text else None
+        for candidate, text, completion, score in zip(survivors, texts, completions, scores):
+            candidate.replay_answer = extract_answer(text)
+            score = outcome_score(score, completion.truncated, self.score_truncated)
             candidate.reason = "kept" if score > 0 else "replay_failed"
 
     def _record(self, c: _Candidate, step: int) -> ExperienceRecord:

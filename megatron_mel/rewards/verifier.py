@@ -47,6 +47,13 @@ def extract_answer(response: str) -> str | None:
     return extract_gsm8k_answer(response)
 
 
+def outcome_score(score: float, truncated: bool, score_truncated: bool) -> float:
+    """The reward of one response: ``score``, or 0 when the length limit cut the response and
+    ``reward.score_truncated`` is off (MEL.md step 2 DEFAULT: a truncated response has no final
+    answer to trust). Rollouts, replays and evaluation all use this rule."""
+    return 0.0 if truncated and not score_truncated else score
+
+
 def math_reward(response: str, answer: str) -> tuple[float, str]:
     """1.0 if the completion's final answer is mathematically equal to ``answer`` (math-verify)."""
     from math_verify import parse, verify

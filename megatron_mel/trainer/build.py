@@ -165,7 +165,8 @@ def build_driver(
         cfg.reflection.experience_template, cfg.reflection.replay_template
     )
     reflector = Reflector(cfg.reflection, templates, formatter, pool,
-                          rollout_max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.launch.seed)  # fmt: skip
+                          rollout=cfg.rollout, score_truncated=cfg.reward.score_truncated,
+                          seed=cfg.launch.seed)  # fmt: skip
     kept = [
         p for p in train if len(formatter.solve_prompt(p.question)) <= cfg.data.max_prompt_tokens
     ]
