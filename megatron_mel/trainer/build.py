@@ -75,7 +75,8 @@ def build_policy(cfg: RunConfig, arch: ModelArch) -> Actor:
     load_hf_weights(chunks, cfg.model.hf_dir, arch,
                     arch.padded_vocab_size(cfg.model.vocab_padding_multiple))  # fmt: skip
     settings = ActorSettings(parallel=cfg.parallel, optim=cfg.optim,
-                             num_steps=cfg.trainer.num_steps, dtype=DTYPES[cfg.model.dtype])  # fmt: skip
+                             num_steps=cfg.trainer.num_steps, dtype=DTYPES[cfg.model.dtype],
+                             vocab_size=arch.vocab_size)  # fmt: skip
     return build_actor(chunks, settings, cfg.algorithm, response_budget=cfg.rollout.max_new_tokens)
 
 
@@ -92,7 +93,8 @@ def build_reference(cfg: RunConfig, arch: ModelArch) -> PolicyRunner | None:
                     arch.padded_vocab_size(cfg.model.vocab_padding_multiple))  # fmt: skip
     for chunk in chunks:
         chunk.requires_grad_(False)
-    return PolicyRunner(chunks, cfg.parallel, cfg.optim.micro_batch_tokens)
+    return PolicyRunner(chunks, cfg.parallel, cfg.optim.micro_batch_tokens,
+                        vocab_size=arch.vocab_size)  # fmt: skip
 
 
 def build_engine(cfg: RunConfig, arch: ModelArch) -> RolloutEngine:
