@@ -2,7 +2,7 @@
 
 megatron-mel assets   [--cache-dir D]                  offline model + data (no hub access)
 megatron-mel convert  hf-to-mcore|mcore-to-hf ...      checkpoint conversion (tools/ alias)
-megatron-mel parity   --hf-dir H [--tp T --pp P]       Megatron vs transformers logits
+megatron-mel parity   --hf-dir H [--tp T --pp P]       Megatron vs transformers logits, log-probs
 megatron-mel config   RECIPE.yaml [--set k=v ...]      validate and print a resolved config
 """
 
@@ -20,12 +20,13 @@ def _parity(argv: list[str]) -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--tolerance", type=float, default=None)
+    from megatron_mel.convert.cli import add_noise_arguments
+
+    add_noise_arguments(parser)
     args = parser.parse_args(argv)
 
     from megatron_mel.config import ParallelConfig
-    from megatron_mel.convert.cli import DEFAULT_TOLERANCE
-    from megatron_mel.convert.verify import run_parity
+    from megatron_mel.convert.verify import ABS_FLOOR, run_parity
     from megatron_mel.launch import WorkerFailed, run_workers
     from megatron_mel.models.arch import load_arch
 
@@ -36,9 +37,10 @@ def _parity(argv: list[str]) -> int:
         hf_dir = str(prepare_assets().model_dir)
     arch = load_arch(hf_dir)
     arch.validate_layout(ParallelConfig(tp=args.tp, pp=args.pp), args.tp * args.pp)
-    tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
+    floor = args.tolerance if args.tolerance is not None else ABS_FLOOR[args.dtype]
     try:
-        run_workers(run_parity, args.tp * args.pp, hf_dir, args.tp, args.pp, args.dtype, tolerance)
+        run_workers(run_parity, args.tp * args.pp, hf_dir, args.tp, args.pp, args.dtype,
+                    args.noise_factor, floor)  # fmt: skip
     except WorkerFailed:
         return 1
     return 0
