@@ -179,7 +179,8 @@ def _actor_logprobs(
         pp=config.pipeline_model_parallel_size,
         vpp=config.virtual_pipeline_model_parallel_size,
     )
-    runner = PolicyRunner(chunks, parallel, micro_batch_tokens=4096, vocab_size=arch.vocab_size)
+    runner = PolicyRunner(chunks, parallel, micro_batch_tokens=4096, vocab_size=arch.vocab_size,
+                          max_seq_len=max(PACKED_LENGTHS))  # fmt: skip
     samples = [TrainSample(tokens=list(seq), num_context=1, term="me") for seq in packed]
     return torch.tensor([v for values in runner.compute_logprobs(samples) for v in values])
 

@@ -8,11 +8,18 @@ directory only.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_mel.config import ConfigError
+
+if TYPE_CHECKING:
+    from megatron_mel.data.datasets import Problem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,3 +77,21 @@ class PromptFormatter:
 
     def count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def drop_long_prompts(
+    problems: Sequence[Problem], formatter: PromptFormatter, max_tokens: int
+) -> tuple[list[Problem], int]:
+    """(problems whose formatted solve prompt fits ``max_tokens``, how many were dropped).
+
+    The count is logged here and reported every step as ``data/prompts_dropped_too_long``;
+    ConfigError if nothing fits.
+    """
+    kept = [p for p in problems if len(formatter.solve_prompt(p.question)) <= max_tokens]
+    dropped = len(problems) - len(kept)
+    if not kept:
+        raise ConfigError(f"data.max_prompt_tokens={max_tokens}: every prompt is longer")
+    if dropped:
+        log.warning("%d of %d training prompts are longer than data.max_prompt_tokens=%d "
+                    "tokens and were dropped", dropped, len(problems), max_tokens)  # fmt: skip
+    return kept, dropped

@@ -2,8 +2,9 @@
 
 For every mixed group, each (y+, y-) pair becomes one analysis request through the same rollout
 engine, at the weight version that produced the rollouts (nothing syncs in between; we assert
-it). A candidate M is dropped if generation hit the length limit (counted), and optionally if it
-leaks the gold answer or lacks heuristics. Each survivor is validated by a replay: the policy
+it). A candidate M is dropped if generation hit the length limit (counted), if its NLL sequence
+(reflection prompt + M) would exceed model.max_seq_len ("too_long", counted; not a candidate
+either), and optionally if it leaks the gold answer or lacks heuristics. Each survivor is validated by a replay: the policy
 re-solves the question with M in its prompt, once, sampled like a rollout (rollout.top_p and
 top_k, reflection.replay_temperature) and scored like one (a truncated replay scores 0 unless
 reward.score_truncated); M is kept only if that answer verifies. The replay is a filter only
@@ -69,6 +70,7 @@ class Reflector:
         *,
         rollout: RolloutConfig,
         score_truncated: bool,
+        max_seq_len: int,
         seed: int,
     ) -> None:
         self.cfg = cfg
@@ -78,6 +80,7 @@ class Reflector:
         self.rollout = rollout
         self.replay_max_new_tokens = cfg.replay_max_new_tokens or rollout.max_new_tokens
         self.score_truncated = score_truncated
+        self.max_seq_len = max_seq_len
         self.seed = seed
 
     def run(
@@ -113,11 +116,14 @@ class Reflector:
             for c in kept
         ]  # fmt: skip
         records = [self._record(c, step) for c in candidates]
-        leaked = sum(r.leaked for r in records if r.reason != "truncated")
-        complete = [r for r in records if r.reason != "truncated"]
-        dropped = sum(c.reason == "truncated" for c in candidates)
+        # Cut by a length limit: not a candidate (MEL.md step 5), counted.
+        too_long = {"truncated", "too_long"}
+        leaked = sum(r.leaked for r in records if r.reason not in too_long)
+        complete = [r for r in records if r.reason not in too_long]
+        dropped = sum(c.reason in too_long for c in candidates)
         counts.update(candidates=len(candidates) - dropped, kept=len(kept),
-                      truncated=sum(c.truncated for c in candidates))  # fmt: skip
+                      truncated=sum(c.truncated for c in candidates),
+                      too_long=sum(c.reason == "too_long" for c in candidates))  # fmt: skip
         metrics = {
             "mel/mixed_groups": float(counts["mixed_groups"]),
             "mel/pairs": float(counts["pairs"]),
@@ -127,6 +133,7 @@ class Reflector:
             "mel/truncation_rate": counts["truncated"] / counts["pairs"]
             if counts["pairs"]
             else 0.0,
+            "mel/too_long": float(counts["too_long"]),
             "mel/leak_rate": leaked / len(complete) if complete else 0.0,
             "mel/heuristics_rate": (
                 sum(r.has_heuristics for r in complete) / len(complete) if complete else 0.0
@@ -167,6 +174,8 @@ class Reflector:
             tokens["reflection"] += len(completion.token_ids)
             if candidate.truncated and self.cfg.drop_truncated:
                 candidate.reason = "truncated"
+            elif len(candidate.prompt_ids) + len(candidate.token_ids) > self.max_seq_len:
+                candidate.reason = "too_long"
             elif self.cfg.reject_answer_leaks and leaks_answer(
                 candidate.text, candidate.group.problem.answer
             ):

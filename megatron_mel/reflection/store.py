@@ -27,7 +27,8 @@ class ExperienceRecord:
     text: str
     kept: bool
     reason: str
-    """Why it was kept or dropped: kept, truncated, leak, no_heuristics, replay_failed."""
+    """Why it was kept or dropped: kept, truncated, too_long, leak, no_heuristics,
+    replay_failed."""
     replay_answer: str | None
     failure_point: str | None
     leaked: bool

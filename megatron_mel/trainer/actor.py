@@ -59,6 +59,8 @@ class ActorSettings:
     vocab_size: int
     """The model's true vocabulary (ModelArch.vocab_size); the output weight's padding rows
     beyond it stay out of the softmax."""
+    max_seq_len: int
+    """model.max_seq_len: a longer training sample is an error naming that key."""
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], settings: ActorSettings) -> list[DDP]:
@@ -134,11 +136,13 @@ class PolicyRunner:
         loss_fn: LossFunction | None = None,
         *,
         vocab_size: int,
+        max_seq_len: int,
     ) -> None:
         self.chunks = chunks
         self.loss_fn = loss_fn
         self.micro_batch_tokens = micro_batch_tokens
         self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
         self.device = next(chunks[0].parameters()).device
         self.sequence_parallel = parallel.sequence_parallel
         self.pad_multiple = parallel.tp if self.sequence_parallel else 1
@@ -182,7 +186,8 @@ class PolicyRunner:
             batches = [_padding_micro_batch(max(1, self.pad_multiple))]
         else:
             budget = max_tokens or self.micro_batch_tokens
-            batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple)
+            batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple,
+                                         max_seq_len=self.max_seq_len)  # fmt: skip
         for index, batch in enumerate(batches):
             batch.index = index
         return batches
@@ -275,7 +280,7 @@ class Actor(PolicyRunner):
         settings: ActorSettings,
     ) -> None:
         super().__init__(wrapped, settings.parallel, settings.optim.micro_batch_tokens, loss_fn,
-                         vocab_size=settings.vocab_size)  # fmt: skip
+                         vocab_size=settings.vocab_size, max_seq_len=settings.max_seq_len)  # fmt: skip
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.aggregation = aggregation

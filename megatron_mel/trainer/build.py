@@ -16,7 +16,7 @@ from megatron_mel.checkpoint import Checkpointer
 from megatron_mel.config import ConfigError, RunConfig, flatten, read_hf_config
 from megatron_mel.convert.checkpoint import load_hf_weights
 from megatron_mel.data.datasets import Problem, load_problems
-from megatron_mel.data.prompts import PromptFormatter
+from megatron_mel.data.prompts import PromptFormatter, drop_long_prompts
 from megatron_mel.data.sampler import PromptSampler
 from megatron_mel.models.arch import ModelArch
 from megatron_mel.models.gpt import DTYPES, build_model_chunks
@@ -76,7 +76,7 @@ def build_policy(cfg: RunConfig, arch: ModelArch) -> Actor:
                     arch.padded_vocab_size(cfg.model.vocab_padding_multiple))  # fmt: skip
     settings = ActorSettings(parallel=cfg.parallel, optim=cfg.optim,
                              num_steps=cfg.trainer.num_steps, dtype=DTYPES[cfg.model.dtype],
-                             vocab_size=arch.vocab_size)  # fmt: skip
+                             vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len)  # fmt: skip
     return build_actor(chunks, settings, cfg.algorithm, response_budget=cfg.rollout.max_new_tokens)
 
 
@@ -94,7 +94,7 @@ def build_reference(cfg: RunConfig, arch: ModelArch) -> PolicyRunner | None:
     for chunk in chunks:
         chunk.requires_grad_(False)
     return PolicyRunner(chunks, cfg.parallel, cfg.optim.micro_batch_tokens,
-                        vocab_size=arch.vocab_size)  # fmt: skip
+                        vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len)  # fmt: skip
 
 
 def build_engine(cfg: RunConfig, arch: ModelArch) -> RolloutEngine:
@@ -161,27 +161,22 @@ def build_driver(
         apply_chat_template=cfg.data.apply_chat_template,
         solve_template=cfg.data.prompt_template,
     )
-    pool = RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
-                      timeout_s=cfg.reward.timeout_s)  # fmt: skip
+    pool = RewardPool.from_config(cfg.reward)
     templates = ReflectionTemplates.load(
         cfg.reflection.experience_template, cfg.reflection.replay_template
     )
     reflector = Reflector(cfg.reflection, templates, formatter, pool,
                           rollout=cfg.rollout, score_truncated=cfg.reward.score_truncated,
-                          seed=cfg.launch.seed)  # fmt: skip
-    kept = [
-        p for p in train if len(formatter.solve_prompt(p.question)) <= cfg.data.max_prompt_tokens
-    ]
-    if not kept:
-        raise ConfigError(
-            f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}: every prompt is longer"
-        )
+                          max_seq_len=cfg.model.max_seq_len, seed=cfg.launch.seed)  # fmt: skip
+    kept, dropped = drop_long_prompts(train, formatter, cfg.data.max_prompt_tokens)
     return DriverHandles(
         engine=build_engine(cfg, arch),
         formatter=formatter,
         pool=pool,
         reflector=reflector,
-        sampler=PromptSampler(kept, seed=cfg.launch.seed, shuffle=cfg.data.shuffle),
+        sampler=PromptSampler(
+            kept, seed=cfg.launch.seed, shuffle=cfg.data.shuffle, dropped_too_long=dropped
+        ),
         store=ExperienceStore(cfg.launch.run_dir),
         benchmarks=benchmarks,
     )

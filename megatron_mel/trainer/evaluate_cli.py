@@ -35,8 +35,7 @@ def run_eval(cfg: RunConfig) -> int:
     spec = EvalSpec(k=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature,
                     max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
                     seed=cfg.launch.seed, score_truncated=cfg.reward.score_truncated)  # fmt: skip
-    with RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
-                    timeout_s=cfg.reward.timeout_s) as pool:  # fmt: skip
+    with RewardPool.from_config(cfg.reward) as pool:
         results = evaluate(engine, formatter, pool, benchmarks, spec)
     engine.shutdown()
     table = markdown_table(results)

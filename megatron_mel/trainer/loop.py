@@ -179,6 +179,7 @@ def _generate_for(
         records = []
     driver.store.append(records)  # after every generation call succeeded: retries write once
     metrics["data/epoch"] = float(driver.sampler.epoch)
+    metrics["data/prompts_dropped_too_long"] = float(driver.sampler.dropped_too_long)
     return samples, metrics, dict(timer.seconds)
 
 

@@ -24,3 +24,19 @@ def even_length(response: str, answer: str) -> tuple[float, str]:
     """Marks a response correct when its text has even length: a verifier the tests steer,
     so a random micro model still produces mixed groups, pairs and kept meta-experiences."""
     return (1.0, "correct") if len(response) % 2 == 0 else (0.0, "incorrect")
+
+
+def always_raises(response: str, answer: str) -> float:
+    """A broken reward function (a typo in a field name, say): fails on every call."""
+    raise KeyError(f"no field 'final' in {response[:10]!r}")
+
+
+def returns_nan(response: str, answer: str) -> float:
+    return float("nan")
+
+
+def raises_on_odd_length(response: str, answer: str) -> float:
+    """Fails on some inputs only: one-off failures that must not stop training."""
+    if len(response) % 2:
+        raise ValueError("odd")
+    return 1.0

@@ -82,7 +82,7 @@ def test_reflection_pipeline_exactly(formatter):
     engine = ScriptedEngine(formatter)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         reflector = Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, pool,
-                              rollout=ROLLOUT, score_truncated=False, seed=0)  # fmt: skip
+                              rollout=ROLLOUT, score_truncated=False, max_seq_len=8192, seed=0)  # fmt: skip
         outcome = reflector.run(engine, groups, step=5)
 
     reflect = [r for r in engine.requests if r.request_id.startswith("reflect/")]
@@ -150,7 +150,7 @@ def test_leak_and_heuristics_filters(formatter):
     cfg = ReflectionConfig(require_heuristics=True, reject_answer_leaks=True)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         outcome = Reflector(cfg, ReflectionTemplates(), formatter, pool,
-                            rollout=ROLLOUT, score_truncated=False, seed=0).run(engine, groups, step=1)  # fmt: skip
+                            rollout=ROLLOUT, score_truncated=False, max_seq_len=8192, seed=0).run(engine, groups, step=1)  # fmt: skip
     (record,) = outcome.records
     assert record.has_heuristics and not record.leaked  # "analysis 0" has no 42 in it
     assert record.reason == "replay_failed"  # analysis 0 is even: the replay answers 41
@@ -167,7 +167,7 @@ def test_replay_samples_and_scores_like_a_rollout(formatter):
             engine = ScriptedEngine(formatter, truncate_replays=True)
             reflector = Reflector(ReflectionConfig(replay_temperature=0.7), ReflectionTemplates(),
                                   formatter, pool, rollout=rollout,
-                                  score_truncated=score_truncated, seed=0)  # fmt: skip
+                                  score_truncated=score_truncated, max_seq_len=8192, seed=0)  # fmt: skip
             outcome = reflector.run(engine, groups, step=2)
             replays = [r for r in engine.requests if r.request_id.startswith("replay/")]
             assert replays and all(
@@ -211,7 +211,7 @@ def test_replays_of_one_question_draw_independent_streams(formatter, tmp_path):
     cfg = ReflectionConfig(max_new_tokens=12, replay_max_new_tokens=12, drop_truncated=False)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         Reflector(cfg, ReflectionTemplates(), formatter, pool, rollout=ROLLOUT,
-                  score_truncated=False, seed=0).run(engine, [group], step=1)  # fmt: skip
+                  score_truncated=False, max_seq_len=8192, seed=0).run(engine, [group], step=1)  # fmt: skip
     analyses = [r for r in engine.results if r.request_id.startswith("reflect/")]
     replays = [r for r in engine.results if r.request_id.startswith("replay/")]
     assert len(analyses) == len(replays) == 2
@@ -219,3 +219,19 @@ def test_replays_of_one_question_draw_independent_streams(formatter, tmp_path):
     for pair in (analyses, replays):
         first, second = (r.completions[0].token_ids for r in pair)
         assert first != second
+
+
+def test_meta_experience_longer_than_max_seq_len_is_dropped_and_counted(formatter):
+    groups = [_group(formatter, "A", [1, 0])]
+    engine = ScriptedEngine(formatter)
+    prompt_len = len(Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, None,
+                               rollout=ROLLOUT, score_truncated=False, max_seq_len=1,
+                               seed=0)._experience_ids(groups[0], (0, 1)))  # fmt: skip
+    with RewardPool(num_workers=1, timeout_s=5) as pool:
+        outcome = Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, pool,
+                            rollout=ROLLOUT, score_truncated=False, max_seq_len=prompt_len + 3,
+                            seed=0).run(engine, groups, step=1)  # fmt: skip
+    (record,) = outcome.records
+    assert record.reason == "too_long" and not outcome.samples
+    assert outcome.metrics["mel/too_long"] == 1 and outcome.metrics["mel/candidates"] == 0
+    assert not [r for r in engine.requests if r.request_id.startswith("replay/")]

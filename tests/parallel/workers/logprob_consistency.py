@@ -36,6 +36,7 @@ def main() -> None:
         num_steps=1,
         dtype=torch.float32,
         vocab_size=arch.vocab_size,
+        max_seq_len=4096,
     )
     actor = build_actor(chunks, settings, AlgorithmConfig(), response_budget=48)
 
