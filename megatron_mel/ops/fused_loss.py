@@ -32,12 +32,14 @@ Shapes: T tokens, H hidden, V vocabulary of this shard, Tc tokens of a chunk.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_mel import platform
 from megatron_mel.algorithms.token_loss import IGNORE, NLL, PG, TokenLossParams, weighted_token_loss
 from megatron_mel.ops.logit_kernels import LogitKernels, TorchLogitKernels
 
@@ -164,11 +166,35 @@ def resolve_kernels(kernels: LogitKernels | str, device: torch.device) -> LogitK
         return kernels
     if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return TorchLogitKernels()
-    if kernels in ("triton", "auto"):
+    if kernels == "triton":
         from megatron_mel.ops.triton_kernels import TritonLogitKernels
 
         return TritonLogitKernels()
+    if kernels == "auto":
+        return _triton_or_torch()
     raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")
+
+
+def _triton_or_torch() -> LogitKernels:
+    """Triton kernels on CUDA when Triton imports; the torch kernels (same contract) otherwise,
+    said once, so an old or broken Triton slows the loss down instead of stopping training."""
+    global _TRITON_FALLBACK_WARNED
+    try:
+        from megatron_mel.ops.triton_kernels import TritonLogitKernels
+
+        return TritonLogitKernels()
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        if not _TRITON_FALLBACK_WARNED:
+            warnings.warn(
+                f"kernels='auto': Triton kernels unavailable ({type(exc).__name__}: {exc}); "
+                "using the torch kernels",
+                stacklevel=3,
+            )
+            _TRITON_FALLBACK_WARNED = True
+        return TorchLogitKernels()
+
+
+_TRITON_FALLBACK_WARNED = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +314,9 @@ class _FusedCombinedLoss(torch.autograd.Function):
             del z
         if need_dh and opts.tp_group is not None:
             # Each shard saw only its slice of the vocabulary; the hidden state fed all of them.
-            dist.all_reduce(d_hidden, group=opts.tp_group)
+            dist.all_reduce(
+                platform.on_collective_device(d_hidden, opts.tp_group), group=opts.tp_group
+            )
         ctx.save_for_backward(*(t for t in (d_hidden, d_weight) if t is not None))
         ctx.layout = (need_dh, need_dw, hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(logprobs, entropy, clipped, per_token)
@@ -309,10 +337,12 @@ def _combine_shards(
     """Merge per-shard softmax statistics into full-vocabulary ones (online log-sum-exp)."""
     if group is None:
         return m, s, zs, label_logit
-    m_all = m.clone()
+    m_all = platform.on_collective_device(m.clone(), group)
     dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
     scale = torch.exp(m - m_all)
-    stacked = torch.stack([s * scale, zs * scale, label_logit])
+    stacked = platform.on_collective_device(
+        torch.stack([s * scale, zs * scale, label_logit]), group
+    )
     dist.all_reduce(stacked, group=group)
     return m_all, stacked[0], stacked[1], stacked[2]
 
