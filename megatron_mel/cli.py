@@ -4,6 +4,7 @@ megatron-mel assets   [--cache-dir D]                  offline model + data (no 
 megatron-mel convert  hf-to-mcore|mcore-to-hf ...      checkpoint conversion (tools/ alias)
 megatron-mel parity   --hf-dir H [--tp T --pp P]       Megatron vs transformers logits, log-probs
 megatron-mel config   RECIPE.yaml [--set k=v ...]      validate and print a resolved config
+megatron-mel report   RUN_DIR [RUN_DIR ...] [--out D]   PNG plots + markdown summary of runs
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ def _assets(argv: list[str]) -> int:
     return main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from megatron_mel.report import main
+
+    return main(argv)
+
+
 def _convert(argv: list[str]) -> int:
     from megatron_mel.convert.cli import main
 
@@ -133,6 +140,7 @@ COMMANDS = {
     "config": _config,
     "train": _train,
     "eval": _eval,
+    "report": _report,
 }
 
 

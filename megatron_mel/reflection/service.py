@@ -138,6 +138,9 @@ class Reflector:
             "mel/heuristics_rate": (
                 sum(r.has_heuristics for r in complete) / len(complete) if complete else 0.0
             ),
+            "mel/sections_rate": (
+                sum(r.all_sections for r in complete) / len(complete) if complete else 0.0
+            ),
             "mel/me_length": (sum(len(c.token_ids) for c in kept) / len(kept) if kept else 0.0),
         }
         return ReflectionOutcome(samples, records, metrics, tokens, seconds)
@@ -235,6 +238,7 @@ class Reflector:
             failure_point=parsed.failure_point,
             leaked=leaks_answer(c.text, c.group.problem.answer),
             has_heuristics=parsed.has_heuristics,
+            all_sections=parsed.complete,
             num_tokens=len(c.token_ids),
         )
 

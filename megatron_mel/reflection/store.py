@@ -34,6 +34,8 @@ class ExperienceRecord:
     leaked: bool
     has_heuristics: bool
     num_tokens: int
+    all_sections: bool = False
+    """All four sections of the instruction were found (mel/sections_rate)."""
 
 
 class ExperienceStore:

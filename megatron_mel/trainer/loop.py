@@ -18,6 +18,7 @@ from megatron_mel.config import RunConfig, dump_yaml
 from megatron_mel.data.datasets import Problem
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.models.arch import load_arch
+from megatron_mel.report import log_report
 from megatron_mel.rollout.engine import SamplingParams
 from megatron_mel.rollout.groups import generate_groups
 from megatron_mel.rollout.handoff import Handoff
@@ -101,6 +102,8 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
         else:
             status = "FINISHED"
     finally:
+        if ctx.is_main:  # the report plots go to MLflow too; a failure there only warns
+            log_report(tracker, cfg.launch.run_dir)
         tracker.close(status)
         sync.close()
         driver.close()
