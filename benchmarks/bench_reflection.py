@@ -15,7 +15,8 @@ retention, M truncation rate, four-section parse rate, leak rate, mean M length,
 
     reflection model=<name> candidates=<n> kept=<k> retention=<r> sections=<s>
 
-Every candidate M (kept or not, with why) goes to ``--out``/meta_experiences.jsonl.
+Every candidate M (kept or not, with why and its replay) goes to ``--out``/meta_experiences.jsonl,
+the rollout groups with their rewards to ``--out``/rollouts.jsonl.
 
 Budgets are CPU-sized (fp32, 2 cores: ~25-40 generated tokens/s for the 0.5B model): G=4
 samples per prompt instead of the paper's 8, at most ``--max-pairs`` analyses per mixed group
@@ -114,6 +115,12 @@ def main() -> None:
         outcome = reflector.run(engine, groups, step=1)
     seconds.update(outcome.seconds)
     ExperienceStore(out).append(outcome.records)
+    with (out / "rollouts.jsonl").open("w") as handle:
+        for group in groups:
+            handle.write(json.dumps({"id": group.problem.id, "answer": group.problem.answer,
+                                     "rewards": group.rewards, "texts": group.texts,
+                                     "truncated": [c.truncated for c in group.completions]})
+                         + "\n")  # fmt: skip
     tokens = {"rollout": sum(len(c.token_ids) for g in groups for c in g.completions),
               **outcome.generated_tokens}  # fmt: skip
     m = {**metrics, **outcome.metrics}

@@ -47,6 +47,7 @@ class _Candidate:
     truncated: bool = False
     reason: str = ""
     replay_answer: str | None = None
+    replay_text: str | None = None
 
 
 @dataclass(slots=True)
@@ -221,6 +222,7 @@ class Reflector:
         scores = self.pool.score([(t, c.group.problem.answer) for t, c in zip(texts, survivors)])
         for candidate, text, completion, score in zip(survivors, texts, completions, scores):
             candidate.replay_answer = extract_answer(text)
+            candidate.replay_text = text
             score = outcome_score(score, completion.truncated, self.score_truncated)
             candidate.reason = "kept" if score > 0 else "replay_failed"
 
@@ -235,6 +237,7 @@ class Reflector:
             kept=c.reason == "kept",
             reason=c.reason,
             replay_answer=c.replay_answer,
+            replay_text=c.replay_text,
             failure_point=parsed.failure_point,
             leaked=leaks_answer(c.text, c.group.problem.answer),
             has_heuristics=parsed.has_heuristics,

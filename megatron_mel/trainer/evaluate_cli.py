@@ -15,11 +15,14 @@ from megatron_mel.data.datasets import load_problems
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.models.arch import load_arch
 from megatron_mel.rewards.verifier import RewardPool
+from megatron_mel.rollout import placement
+from megatron_mel.rollout.placement import Layout
 from megatron_mel.trainer.build import build_engine
-from megatron_mel.trainer.evaluation import EvalSpec, evaluate, markdown_table
+from megatron_mel.trainer.evaluation import BenchmarkResult, EvalSpec, evaluate, markdown_table
 
 
-def run_eval(cfg: RunConfig) -> int:
+def evaluate_model(cfg: RunConfig) -> list[BenchmarkResult]:
+    """Evaluate ``cfg.model.hf_dir`` on ``cfg.data.eval_paths`` as the trainer's eval does."""
     if not cfg.data.eval_paths:
         raise ConfigError("data.eval_paths: no benchmarks to evaluate")
     keys = dict(id_key=cfg.data.id_key, question_key=cfg.data.question_key,
@@ -31,13 +34,27 @@ def run_eval(cfg: RunConfig) -> int:
     arch = load_arch(cfg.model.hf_dir)
     formatter = PromptFormatter.from_dir(cfg.model.hf_dir, apply_chat_template=cfg.data.apply_chat_template,
                                          solve_template=cfg.data.prompt_template)  # fmt: skip
-    engine = build_engine(cfg, arch)
+    engine = build_engine(cfg, arch, _one_process_layout(cfg))
     spec = EvalSpec(k=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature,
                     max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
                     seed=cfg.launch.seed, score_truncated=cfg.reward.score_truncated)  # fmt: skip
-    with RewardPool.from_config(cfg.reward) as pool:
-        results = evaluate(engine, formatter, pool, benchmarks, spec)
-    engine.shutdown()
+    try:
+        with RewardPool.from_config(cfg.reward) as pool:
+            return evaluate(engine, formatter, pool, benchmarks, spec)
+    finally:
+        engine.shutdown()
+
+
+def _one_process_layout(cfg: RunConfig) -> Layout:
+    """The engine layout of this one process (build.build_layout without its collectives)."""
+    sg = cfg.rollout.sglang
+    return placement.plan_layout(placement.topology_from_env(cfg.launch),
+                                 mode=cfg.rollout.placement, engine_tp=sg.engine_tp,
+                                 num_engines=sg.num_engines, base_port=sg.base_port, host=sg.host)  # fmt: skip
+
+
+def run_eval(cfg: RunConfig) -> int:
+    results = evaluate_model(cfg)
     table = markdown_table(results)
     out = Path(cfg.launch.run_dir)
     out.mkdir(parents=True, exist_ok=True)
