@@ -156,7 +156,7 @@ def _axes_panel(ax: Any, panel: Panel, runs: Sequence[Run], colors: list[Any]) -
     ax.set_ylabel(panel.ylabel)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, framealpha=0.6, ncol=2 if len(panel.keys) > 4 else 1)
         ax.xaxis.get_major_locator().set_params(integer=True)
     else:
         names = ", ".join(k for k, _ in panel.keys[:3])
@@ -233,9 +233,12 @@ def summary_markdown(runs: Sequence[Run], panels: Sequence[Panel] = PANELS) -> s
     for phase in PHASES:
         if any(run.has(f"time/{phase}") for run in runs):
             rows.append((f"  {phase} s", lambda r, p=phase: _fmt(r.mean(f"time/{p}"), 1)))
-    evals = sorted({k for run in runs for rec in run.steps for k in rec if k.startswith("eval/")})
+    evals = sorted({k for run in runs for rec in run.steps for k in rec
+                    if k.startswith("eval/") and not k.endswith("/problems")})  # fmt: skip
     for key in evals:
-        rows.append((f"last {key}", lambda r, k=key: _fmt(r.last(k))))
+        count = key.rsplit("/", 1)[0] + "/problems"
+        rows.append((f"last {key}", lambda r, k=key, c=count: _fmt(r.last(k))
+                     + (f" (of {r.last(c):.0f})" if r.last(c) is not None else "")))  # fmt: skip
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(cell(run) for run in runs) + " |")
     lines += ["", "![overview](overview.png)", ""]

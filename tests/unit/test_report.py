@@ -55,7 +55,7 @@ def test_two_runs_overlay_into_pngs_and_a_summary(tmp_path):
     assert "| | mel | grpo |" in text
     assert "| pairs / candidates / kept (total) | 24 / 16 / 4 | - / - / - |" in text
     assert "| retention (kept / candidates, all steps) | 0.250 (4/16) | - |" in text
-    assert "| last eval/gsm8k/pass_at_1 | 0.250 | 0.250 |" in text
+    assert "| last eval/gsm8k/pass_at_1 | 0.250 | 0.250 |" in text  # no problem count logged
     assert "![overview](overview.png)" in text
 
 
