@@ -79,8 +79,8 @@ def _after(run_dir: Path, k: int) -> tuple[int, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", type=Path, default=REPO / "examples" / "tiny_cpu.yaml")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--heldout", type=int, default=100, help="held-out problems")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--heldout", type=int, default=80, help="held-out problems")
     parser.add_argument("--eval-k", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("runs") / "mel_vs_grpo")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
