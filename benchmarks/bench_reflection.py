@@ -3,8 +3,10 @@
     python benchmarks/bench_reflection.py --model Qwen2.5-Coder-0.5B-Instruct [--prompts N]
     python benchmarks/bench_reflection.py --model SmolLM2-135M-Instruct
 
-One MEL step without training (MEL.md steps 1-6) on ``N`` real prompts, half from GSM8K test and
-half from MATH-500 (the first ones of a seeded shuffle), through the same code the trainer runs:
+One MEL step without training (MEL.md steps 1-6) on ``N`` real prompts, three quarters from
+GSM8K test and a quarter from MATH-500 (``--math500-share``; the first ones of a seeded shuffle;
+a 0.5B model rarely solves a MATH-500 problem, and only prompts it sometimes solves give mixed
+groups), through the same code the trainer runs:
 the embedded engine, the math-verify reward pool (strict: ``\\boxed{}`` or ``####``; ``--reward
 flexible`` for models that never box), and :class:`~megatron_mel.reflection.service.Reflector`
 with the built-in templates and the full replay filter. ``--model`` names an asset; a missing
@@ -20,7 +22,7 @@ the rollout groups with their rewards to ``--out``/rollouts.jsonl.
 
 Budgets are CPU-sized (fp32, 2 cores: ~25-40 generated tokens/s for the 0.5B model): G=4
 samples per prompt instead of the paper's 8, at most ``--max-pairs`` analyses per mixed group
-(MEL.md's knob; default all), a 768-token analysis budget instead of 2048 and 384-token
+(MEL.md's knob; default all), a 768-token analysis budget instead of 2048 and 512-token
 responses. None of this changes the method: every candidate is still replayed once with M in
 its prompt and kept only if that replay verifies.
 """
@@ -43,12 +45,13 @@ REWARDS = {
 }
 
 
-def _problems(data: dict[str, Path], count: int, seed: int):
+def _problems(data: dict[str, Path], count: int, math_share: float, seed: int):
     from megatron_mel.data.datasets import load_problems
 
     keys = {"id_key": "id", "question_key": "question", "answer_key": "answer"}
     chosen = []
-    for split, n in (("gsm8k_test", count - count // 2), ("math500", count // 2)):
+    math = round(count * math_share)
+    for split, n in (("gsm8k_test", count - math), ("math500", math)):
         problems = load_problems(data[split], **keys)
         random.Random(f"{seed}:{split}").shuffle(problems)
         chosen += problems[:n]
@@ -59,8 +62,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="Qwen2.5-Coder-0.5B-Instruct", help="asset name")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--math500-share", type=float, default=0.25,
+                        help="share of the prompts from MATH-500 (the rest: GSM8K test)")  # fmt: skip
     parser.add_argument("--samples", type=int, default=4, help="G: responses per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=384, help="response budget")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="response budget")
     parser.add_argument("--reflection-max-new-tokens", type=int, default=768)
     parser.add_argument("--max-pairs", type=int, default=2, help="analyses per mixed group")
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -88,7 +93,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     hf_dir = model_dir(args.model)
     data = prepare_assets(model=False).data
-    problems = _problems(data, args.prompts, args.seed)
+    problems = _problems(data, args.prompts, args.math500_share, args.seed)
     out = args.out or Path("runs") / "bench_reflection" / args.model
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta_experiences.jsonl").unlink(missing_ok=True)

@@ -5,8 +5,10 @@
                                          vocab_size=None, tp_group=None)
 
 ``loss = sum_t token_weight_t * l_t`` with l_t from algorithms/token_loss.py. The logits
-``hidden @ weight.T`` are computed a chunk of tokens at a time and never exist in fp32 for the
-whole pack; with ``tp_group`` the weight is this rank's vocabulary shard and per-shard max /
+``hidden @ weight.T`` are computed a chunk of tokens at a time and never exist for the whole
+pack. Each chunk's GEMM runs in the model dtype (bf16 on GPU: the logits Megatron's output layer
+and the rollout engines compute too) and its result is upcast to fp32; the softmax statistics,
+log-probs, loss and gradient accumulation are fp32 from there on; with ``tp_group`` the weight is this rank's vocabulary shard and per-shard max /
 sum-exp statistics are combined across the group (one MAX and one SUM all-reduce per chunk), the
 label's logit coming from the rank that owns it.
 
@@ -258,7 +260,8 @@ class _FusedCombinedLoss(torch.autograd.Function):
         for chunk in range(num_chunks):
             idx = active[chunk * rows : (chunk + 1) * rows]
             h = hidden.index_select(0, idx)
-            z = torch.matmul(h, real_weight.t()).float()  # [Tc, V] fp32 logits of real rows
+            # [Tc, V] logits of the real rows: the model-dtype GEMM, upcast (module docstring).
+            z = torch.matmul(h, real_weight.t()).float()
             lab = labels.index_select(0, idx)
             if num_real:
                 m, s, zs, label_logit = opts.kernels.row_stats(z, lab, vocab_start)

@@ -1,7 +1,8 @@
 """Triton kernels for the two per-chunk logit primitives of the fused loss (GPU path).
 
 Same contract as :class:`megatron_mel.ops.logit_kernels.TorchLogitKernels`; the fused loss
-(fused_loss.py) calls them on each chunk of fp32 logits ``z = hidden_chunk @ weight_shard.T``.
+(fused_loss.py) calls them on each chunk of logits ``z = float(hidden_chunk @ weight_shard.T)``
+(the GEMM in the model dtype, upcast to fp32).
 
 * ``row_stats``: one program per row streams the row once in BLOCK_V tiles and keeps an
   *online* softmax state: a scalar running max ``m`` and per-lane partial sums

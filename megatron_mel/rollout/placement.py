@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from megatron_mel.config import LaunchConfig
+from megatron_mel.config import LaunchConfig, RunConfig
 from megatron_mel.errors import ConfigError
 
 Mode = Literal["colocate", "disaggregate"]
@@ -291,6 +291,28 @@ def topology_from_env(
     total = nodes + launch.rollout_nodes
     return Topology(train_nodes=nodes, ranks_per_node=per_node, gpus_per_node=gpus,
                     rollout_nodes=launch.rollout_nodes, hosts=node_hosts(total, env))  # fmt: skip
+
+
+def serve_layout(cfg: RunConfig, environ: dict[str, str] | None = None) -> Layout:
+    """The layout as a rollout-only node sees it: no torchrun there, so ``launch.nodes`` and
+    ``launch.gpus_per_node`` (or this node's GPUs) describe the training side."""
+    launch, sg = cfg.launch, cfg.rollout.sglang
+    if cfg.rollout.engine != "sglang" or cfg.rollout.placement != "disaggregate":
+        raise ConfigError("megatron-mel serve is for rollout.engine=sglang, placement=disaggregate")
+    if launch.nodes is None or launch.rollout_nodes < 1:
+        raise ConfigError("megatron-mel serve needs launch.nodes and launch.rollout_nodes >= 1")
+    gpus = launch.gpus_per_node
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus:
+        raise ConfigError("launch.gpus_per_node: unknown here (no CUDA); set it")
+    total = launch.nodes + launch.rollout_nodes
+    topology = Topology(train_nodes=launch.nodes, ranks_per_node=gpus, gpus_per_node=gpus,
+                        rollout_nodes=launch.rollout_nodes, hosts=node_hosts(total, environ))  # fmt: skip
+    return plan_layout(topology, mode="disaggregate", engine_tp=sg.engine_tp,
+                       num_engines=sg.num_engines, base_port=sg.base_port, host=sg.host)  # fmt: skip
 
 
 def node_hosts(num_nodes: int, environ: dict[str, str] | None = None) -> tuple[str, ...]:

@@ -50,7 +50,8 @@ from megatron_mel.rollout.http import poster, raise_engine_errors, run_parallel
 
 FLATTENED_BUCKET = "flattened_bucket"
 GPU_HINT = (
-    "needs CUDA and `pip install -e .[sglang]` (or .[vllm]); on CPU use rollout.engine: embedded"
+    "needs CUDA and the GPU extras (`pip install -e .[sglang]` or `.[vllm]`); on CPU use "
+    "rollout.engine: embedded"
 )
 HOST_FILE_KEY = "mel_host_file_bucket"
 
@@ -248,13 +249,24 @@ def init_custom_process_group(
     *, backend: str, init_method: str, world_size: int, rank: int, group_name: str, timeout: float
 ) -> Any:
     """A torch process group outside the default one, created the way SGLang's engines create
-    their side (TCP rendezvous, store prefixed by the group name, no default-group membership),
-    so both ends agree on the store keys. Rank 0 hosts the TCP store."""
+    their side (TCP store at ``init_method``, keys prefixed by the group name, no default-group
+    membership), so both ends agree on the store keys. Rank 0 hosts the TCP store.
+
+    The store is made here rather than by ``c10d.rendezvous``: inside a torchrun worker
+    (TORCHELASTIC_USE_AGENT_STORE=True) rendezvous never starts a store server, so a trainer
+    rank 0 would wait for a store nobody hosts (torch/distributed/rendezvous.py).
+    """
+    from urllib.parse import urlsplit
+
+    import torch.distributed as dist
     from torch.distributed import distributed_c10d as c10d
 
+    where = urlsplit(init_method)
+    if where.scheme != "tcp" or not where.hostname or not where.port:
+        raise ValueError(f"init_method must be tcp://host:port, got {init_method!r}")
     delta = timedelta(seconds=timeout)
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=delta))
-    store.set_timeout(delta)
+    store = dist.TCPStore(where.hostname, where.port, world_size, is_master=rank == 0,
+                          timeout=delta, wait_for_workers=False)  # fmt: skip
     store = c10d.PrefixStore(group_name, store)
     params = inspect.signature(c10d._new_process_group_helper).parameters
     options = "backend_options" if "backend_options" in params else "pg_options"

@@ -114,9 +114,12 @@ def build_layout(cfg: RunConfig) -> Layout:
     if not topology.hosts and topology.train_nodes > 1 and not topology.rollout_nodes:
         by_node = {n: host for _, n, lr, host in reported if lr == 0}
         topology = dataclasses.replace(topology, hosts=tuple(by_node[n] for n in sorted(by_node)))
-    sg = cfg.rollout.sglang
-    layout = placement.plan_layout(topology, mode=cfg.rollout.placement, engine_tp=sg.engine_tp,
-                                   num_engines=sg.num_engines, base_port=sg.base_port, host=sg.host)  # fmt: skip
+    sg, engine = cfg.rollout.sglang, cfg.rollout.engine
+    # The embedded engine is one in-process engine of rank 0; vLLM is one engine beside it.
+    tp = sg.engine_tp if engine != "embedded" else 1
+    count = sg.num_engines if engine == "sglang" else 1
+    layout = placement.plan_layout(topology, mode=cfg.rollout.placement, engine_tp=tp,
+                                   num_engines=count, base_port=sg.base_port, host=sg.host)  # fmt: skip
     placement.check_rank_table(layout, [(r, n, lr) for r, n, lr, _ in reported])
     if dist.get_rank() == 0 and cfg.rollout.engine == "sglang":
         log.info("%s", layout.describe())
@@ -147,8 +150,12 @@ def start_servers(cfg: RunConfig, layout: Layout) -> NodeServers | None:
     return servers
 
 
-def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngine:
-    """The rollout engine (driver only); weights start from model.hf_dir."""
+def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout | None = None) -> RolloutEngine:
+    """The rollout engine (driver only); weights start from model.hf_dir.
+
+    Without a ``layout`` (``megatron-mel eval``, one process) SGLang servers must be given by
+    ``rollout.sglang.urls``.
+    """
     if cfg.rollout.engine == "embedded":
         from megatron_mel.rollout.embedded import EmbeddedEngine
 
@@ -162,6 +169,11 @@ def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngi
 
         if cfg.rollout.sglang.urls:
             return SGLangEngine.connect(cfg.rollout)
+        if layout is None:
+            raise ConfigError(
+                "rollout.sglang.urls: evaluation with rollout.engine=sglang connects to running "
+                "servers (start them with `megatron-mel serve` or SGLang itself)"
+            )
         deadline = time.monotonic() + cfg.rollout.sglang.launch_timeout_s
         for slot in layout.engines_on_rollout_nodes():  # started by `megatron-mel serve`
             wait_ready(slot.url, deadline)
@@ -169,10 +181,17 @@ def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngi
                                         [e.tp for e in layout.engines])  # fmt: skip
     from megatron_mel.rollout.vllm_engine import VLLMEngine
 
-    # vLLM reads its size from the same server knobs as SGLang (rollout.sglang.*).
+    if cfg.rollout.placement != "colocate" or cfg.rollout.sglang.num_engines not in (None, 1):
+        raise ConfigError(
+            "rollout.engine=vllm runs one engine beside the driver, colocated on its node's "
+            "first GPUs; use rollout.engine=sglang for several engines or disaggregated placement"
+        )
+    # vLLM reads its size from the same server knobs as SGLang (rollout.sglang.*), and runs in a
+    # process of its own (rollout/vllm_host.py).
     return VLLMEngine(cfg.model.hf_dir, tp=cfg.rollout.sglang.engine_tp,
                       gpu_memory_utilization=cfg.rollout.sglang.mem_fraction_static,
-                      dtype=cfg.model.dtype, seed=cfg.launch.seed)  # fmt: skip
+                      dtype=cfg.model.dtype, seed=cfg.launch.seed,
+                      log_dir=f"{cfg.launch.run_dir}/engine_logs")  # fmt: skip
 
 
 def build_sync(

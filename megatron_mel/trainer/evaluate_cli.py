@@ -15,8 +15,6 @@ from megatron_mel.data.datasets import load_problems
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.models.arch import load_arch
 from megatron_mel.rewards.verifier import RewardPool
-from megatron_mel.rollout import placement
-from megatron_mel.rollout.placement import Layout
 from megatron_mel.trainer.build import build_engine
 from megatron_mel.trainer.evaluation import BenchmarkResult, EvalSpec, evaluate, markdown_table
 
@@ -34,7 +32,7 @@ def evaluate_model(cfg: RunConfig) -> list[BenchmarkResult]:
     arch = load_arch(cfg.model.hf_dir)
     formatter = PromptFormatter.from_dir(cfg.model.hf_dir, apply_chat_template=cfg.data.apply_chat_template,
                                          solve_template=cfg.data.prompt_template)  # fmt: skip
-    engine = build_engine(cfg, arch, _one_process_layout(cfg))
+    engine = build_engine(cfg, arch)
     spec = EvalSpec(k=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature,
                     max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
                     seed=cfg.launch.seed, score_truncated=cfg.reward.score_truncated)  # fmt: skip
@@ -43,14 +41,6 @@ def evaluate_model(cfg: RunConfig) -> list[BenchmarkResult]:
             return evaluate(engine, formatter, pool, benchmarks, spec)
     finally:
         engine.shutdown()
-
-
-def _one_process_layout(cfg: RunConfig) -> Layout:
-    """The engine layout of this one process (build.build_layout without its collectives)."""
-    sg = cfg.rollout.sglang
-    return placement.plan_layout(placement.topology_from_env(cfg.launch),
-                                 mode=cfg.rollout.placement, engine_tp=sg.engine_tp,
-                                 num_engines=sg.num_engines, base_port=sg.base_port, host=sg.host)  # fmt: skip
 
 
 def run_eval(cfg: RunConfig) -> int:
