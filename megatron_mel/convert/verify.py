@@ -105,7 +105,8 @@ def transformers_logits(
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
+    # Megatron's logits may sit on the GPU; the transformers references are on the CPU.
+    return (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
 
 
 def _distance(megatron: torch.Tensor, at_dtype: torch.Tensor, exact: torch.Tensor) -> Distance:
