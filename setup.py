@@ -36,6 +36,8 @@ setup(
         "mlflow-skinny>=3.0",
         "sqlalchemy>=2.0",
         "alembic>=1.13",
+        # megatron-mel report and the end-of-run plots (headless Agg backend).
+        "matplotlib>=3.7",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0"],

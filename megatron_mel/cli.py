@@ -2,11 +2,12 @@
 
 megatron-mel assets   [--cache-dir D]                  offline model + data (no hub access)
 megatron-mel convert  hf-to-mcore|mcore-to-hf ...      checkpoint conversion (tools/ alias)
-megatron-mel parity   --hf-dir H [--tp T --pp P]       Megatron vs transformers logits
+megatron-mel parity   --hf-dir H [--tp T --pp P]       Megatron vs transformers logits, log-probs
 megatron-mel config   RECIPE.yaml [--set k=v ...]      validate and print a resolved config
 megatron-mel train    RECIPE.yaml [--set k=v ...]      train (spawns ranks, or runs under torchrun)
 megatron-mel eval     RECIPE.yaml [--hf-dir H]          evaluate a model on the recipe's benchmarks
 megatron-mel serve    RECIPE.yaml [--node N]            a rollout-only node's SGLang servers
+megatron-mel report   RUN_DIR [RUN_DIR ...] [--out D]   PNG plots + markdown summary of runs
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ def _parity(argv: list[str]) -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--tolerance", type=float, default=None)
+    from megatron_mel.convert.cli import add_noise_arguments
+
+    add_noise_arguments(parser)
     args = parser.parse_args(argv)
 
     from megatron_mel.config import ParallelConfig
-    from megatron_mel.convert.cli import DEFAULT_TOLERANCE
-    from megatron_mel.convert.verify import run_parity
+    from megatron_mel.convert.verify import ABS_FLOOR, run_parity
     from megatron_mel.launch import WorkerFailed, run_workers
     from megatron_mel.models.arch import load_arch
 
@@ -39,9 +41,10 @@ def _parity(argv: list[str]) -> int:
         hf_dir = str(prepare_assets().model_dir)
     arch = load_arch(hf_dir)
     arch.validate_layout(ParallelConfig(tp=args.tp, pp=args.pp), args.tp * args.pp)
-    tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
+    floor = args.tolerance if args.tolerance is not None else ABS_FLOOR[args.dtype]
     try:
-        run_workers(run_parity, args.tp * args.pp, hf_dir, args.tp, args.pp, args.dtype, tolerance)
+        run_workers(run_parity, args.tp * args.pp, hf_dir, args.tp, args.pp, args.dtype,
+                    args.noise_factor, floor)  # fmt: skip
     except WorkerFailed as exc:
         return exc.exit_code
     return 0
@@ -136,6 +139,12 @@ def _assets(argv: list[str]) -> int:
     return main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from megatron_mel.report import main
+
+    return main(argv)
+
+
 def _convert(argv: list[str]) -> int:
     from megatron_mel.convert.cli import main
 
@@ -188,6 +197,7 @@ COMMANDS = {
     "train": _train,
     "eval": _eval,
     "serve": _serve,
+    "report": _report,
 }
 
 

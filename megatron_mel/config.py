@@ -61,7 +61,11 @@ class ModelConfig:
     """Core attention: "te" (Transformer Engine, GPU), "local" (torch varlen, CPU and GPU), or
     "auto" (te when CUDA and transformer-engine are present, else local)."""
     max_seq_len: int = 8192
-    """Longest packed sequence the trainer sees (prompt + response); sizes the RoPE table."""
+    """Longest sequence the trainer accepts: a rollout (prompt + response) or a meta-experience
+    sample (reflection prompt + M). Checked when the config loads (data.max_prompt_tokens +
+    rollout.max_new_tokens must fit), by the reflection stage (a candidate M whose NLL sequence
+    would be longer is dropped as "too_long" and counted), and by the trainer's packer (an error
+    naming this key). It bounds activation memory; RoPE tables are computed per forward."""
     vocab_padding_multiple: int = 1024
     """Embedding rows are padded to a multiple of this. It must be a multiple of every TP size a
     checkpoint will be loaded at: 1024 = 128 x 8 keeps checkpoints portable across TP 1/2/4/8."""
@@ -135,7 +139,8 @@ class DataConfig:
     apply_chat_template: bool = True
     """Wrap prompts with the tokenizer's chat template as one user turn."""
     max_prompt_tokens: int = 1024
-    """Prompts longer than this are dropped at load time and counted."""
+    """Prompts longer than this (chat-formatted tokens) are dropped at load time, logged, and
+    counted in the ``data/prompts_dropped_too_long`` metric."""
     shuffle: bool = True
     """Shuffle the prompt order every epoch (seeded by launch.seed)."""
 
@@ -323,10 +328,19 @@ class RewardConfig:
     score_truncated: bool = False
     """Score responses cut by the length limit like any other; False gives them 0 (MEL.md step
     2 DEFAULT: a truncated response has no final answer to trust)."""
+    max_consecutive_failures: int = 50
+    """The reward function raising (or returning a non-finite number, or crashing its worker)
+    this many times in a row stops training with an error naming it and its first exception;
+    one-off failures score 0 and are counted. 0 never stops."""
 
     def __post_init__(self) -> None:
         _require(self.timeout_s > 0, "reward.timeout_s", "must be positive")
         _require(self.num_workers >= 1, "reward.num_workers", "must be >= 1")
+        _require(
+            self.max_consecutive_failures >= 0,
+            "reward.max_consecutive_failures",
+            "must be >= 0 (0 never stops)",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -455,6 +469,13 @@ class RunConfig:
                "needs mixed groups (a correct and a wrong response) for meta-experiences")
             + "; use >= 2, or algorithm.name=rft / reinforce_pp",
         )  # fmt: skip
+        longest = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        _require(
+            longest <= self.model.max_seq_len,
+            "model.max_seq_len",
+            f"{self.model.max_seq_len} is shorter than the longest rollout sequence, "
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {longest}; raise it or lower those",
+        )
 
 
 def _require(ok: bool, key: str, expectation: str) -> None:

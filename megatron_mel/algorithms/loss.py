@@ -41,10 +41,16 @@ class LossFunction(ABC):
 
 
 class CombinedPolicyLoss(LossFunction):
-    """Clipped PG (+KL, +entropy) on PG tokens and NLL on NLL tokens, fused with the logits."""
+    """Clipped PG (+KL, +entropy) on PG tokens and NLL on NLL tokens, fused with the logits.
 
-    def __init__(self, params: TokenLossParams, kernels: str = "auto") -> None:
+    ``vocab_size`` is the true vocabulary: the output weight's padding rows (to
+    ``model.vocab_padding_multiple``) stay out of the softmax, as they are absent from the
+    engines that sampled the tokens.
+    """
+
+    def __init__(self, params: TokenLossParams, vocab_size: int, kernels: str = "auto") -> None:
         self.params = params
+        self.vocab_size = vocab_size
         self.kernels = kernels
 
     def __call__(
@@ -74,6 +80,7 @@ class CombinedPolicyLoss(LossFunction):
             kl_type=self.params.kl_type,
             ref_logprobs=batch.ref_logprobs,
             entropy_coef=self.params.entropy_coef,
+            vocab_size=self.vocab_size,
             tp_group=tp_group,
             kernels=self.kernels,
         )
@@ -91,7 +98,7 @@ class CombinedPolicyLoss(LossFunction):
         return out.loss, metrics
 
 
-def make_loss(algorithm: AlgorithmConfig, kernels: str = "auto") -> LossFunction:
+def make_loss(algorithm: AlgorithmConfig, vocab_size: int, kernels: str = "auto") -> LossFunction:
     """The loss for ``algorithm`` (every algorithm shares the combined loss; they differ in
     advantages and in which tokens are PG or NLL)."""
     params = TokenLossParams(
@@ -102,4 +109,4 @@ def make_loss(algorithm: AlgorithmConfig, kernels: str = "auto") -> LossFunction
         kl_type=algorithm.kl_type,
         entropy_coef=algorithm.entropy_coef,
     )
-    return CombinedPolicyLoss(params, kernels)
+    return CombinedPolicyLoss(params, vocab_size, kernels)

@@ -122,8 +122,11 @@ def load_run_datasets(cfg: Any) -> tuple[list[Problem], dict[str, list[Problem]]
     return train, benchmarks
 
 
-def drop_long_prompts(problems: list[Problem], formatter: Any, max_tokens: int) -> list[Problem]:
-    """The problems whose solve prompt fits ``max_tokens`` (data.max_prompt_tokens), in order.
+def drop_long_prompts(
+    problems: list[Problem], formatter: Any, max_tokens: int
+) -> tuple[list[Problem], int]:
+    """(problems whose solve prompt fits ``max_tokens`` (data.max_prompt_tokens) in order, how
+    many were dropped); the count is reported every step as ``data/prompts_dropped_too_long``.
 
     A token stands for at most ``L`` characters (its longest spelling in the vocabulary), so
     a question longer than ``2 * max_tokens * L`` characters cannot fit (the factor 2 absorbs
@@ -147,4 +150,4 @@ def drop_long_prompts(problems: list[Problem], formatter: Any, max_tokens: int) 
         )  # fmt: skip
     if not kept:
         raise ConfigError(f"data.max_prompt_tokens={max_tokens}: every prompt is longer")
-    return kept
+    return kept, len(dropped)

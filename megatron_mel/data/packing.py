@@ -200,10 +200,33 @@ def pack_samples(
     )
 
 
+class SequenceTooLongError(ValueError):
+    """A training sample is longer than ``model.max_seq_len``."""
+
+
+def check_sequence_lengths(samples: Sequence[TrainSample], max_seq_len: int) -> None:
+    """Raise SequenceTooLongError naming the first sample longer than ``max_seq_len``."""
+    for index, sample in enumerate(samples):
+        if len(sample.tokens) > max_seq_len:
+            raise SequenceTooLongError(
+                f"training sample {index} ({sample.term}, prompt {sample.prompt_id!r}) has "
+                f"{len(sample.tokens)} tokens, more than model.max_seq_len={max_seq_len}; raise "
+                "model.max_seq_len or lower data.max_prompt_tokens, rollout.max_new_tokens or "
+                "reflection.max_new_tokens"
+            )
+
+
 def pack_micro_batches(
-    samples: Sequence[TrainSample], max_tokens: int, *, pad_to_multiple: int = 1
+    samples: Sequence[TrainSample],
+    max_tokens: int,
+    *,
+    pad_to_multiple: int = 1,
+    max_seq_len: int | None = None,
 ) -> list[TrainMicroBatch]:
-    """All of ``samples`` as THD micro-batches of at most ``max_tokens`` tokens each."""
+    """All of ``samples`` as THD micro-batches of at most ``max_tokens`` tokens each; with
+    ``max_seq_len``, a sample longer than it is a SequenceTooLongError."""
+    if max_seq_len is not None:
+        check_sequence_lengths(samples, max_seq_len)
     plan = plan_micro_batches([len(s.tokens) for s in samples], max_tokens)
     return [pack_samples(samples, group, pad_to_multiple=pad_to_multiple) for group in plan]
 

@@ -21,6 +21,8 @@ class PromptSampler:
     shuffle: bool = True
     epoch: int = 0
     position: int = 0
+    dropped_too_long: int = 0
+    """Prompts of the dataset left out for exceeding data.max_prompt_tokens (a metric)."""
 
     def __post_init__(self) -> None:
         if not self.problems:

@@ -2,7 +2,7 @@
 
     loss, logprobs = fused_combined_loss(hidden, weight, labels, loss_type, token_weight,
                                          advantages, old_logprobs, clip_low=.., clip_high=..,
-                                         tp_group=None)
+                                         vocab_size=None, tp_group=None)
 
 ``loss = sum_t token_weight_t * l_t`` with l_t from algorithms/token_loss.py. The logits
 ``hidden @ weight.T`` are computed a chunk of tokens at a time and never exist for the whole
@@ -12,12 +12,21 @@ log-probs, loss and gradient accumulation are fp32 from there on; with ``tp_grou
 sum-exp statistics are combined across the group (one MAX and one SUM all-reduce per chunk), the
 label's logit coming from the rank that owns it.
 
+Padded vocabulary. Megatron's output weight has ``model.vocab_padding_multiple``-padded rows
+that no tokenizer emits and no rollout engine has; ``vocab_size`` (the true vocabulary) keeps
+them out of the softmax entirely: each shard computes logits only for its rows below
+``vocab_size`` (a leading slice of the weight, so no copy and a smaller GEMM), the padded rows
+get exactly zero gradient, and the log-probs equal ``log_softmax`` over the real vocabulary as
+transformers and the engines compute it. A shard made only of padding contributes nothing.
+
 Gradients are computed in the forward pass, chunk by chunk, while the chunk's logits are at hand
 (the loss is a scalar, so d loss / d logits is known up to the incoming gradient's scale):
 three GEMMs per chunk (logits, d_hidden, d_weight) and no recomputation. d_hidden and d_weight
 accumulate in fp32; d_hidden is all-reduced over ``tp_group`` so callers receive the full
 gradient. Backward only scales them. Rows with ``loss_type == 0`` are dropped before any of this,
-so long masked prompts (reflection contexts) cost nothing here.
+so long masked prompts (reflection contexts) cost nothing here. Under ``torch.no_grad`` (the
+log-prob recompute) neither gradient buffer is allocated and only the logits GEMM runs, even
+though the weight is a Parameter that requires grad.
 
 Shapes: T tokens, H hidden, V vocabulary of this shard, Tc tokens of a chunk.
 """
@@ -89,6 +98,7 @@ def fused_combined_loss(
     kl_type: str = "k3",
     ref_logprobs: Tensor | None = None,
     entropy_coef: float = 0.0,
+    vocab_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
     kernels: LogitKernels | str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -103,6 +113,8 @@ def fused_combined_loss(
         token_weight: [T] float, the per-token aggregation weight (global denominators included).
         advantages, old_logprobs: [T] float, used on PG tokens.
         ref_logprobs: [T] float reference-policy log-probs; needed when ``kl_coef > 0``.
+        vocab_size: the true vocabulary size; rows of the (global, unsharded) weight at or
+            beyond it are padding and are left out of the softmax. None: every row is real.
         tp_group: vocabulary-parallel group over which ``weight`` is sharded (None: unsharded).
         kernels: "auto" (Triton on CUDA, torch otherwise), "torch", "triton", or an instance.
 
@@ -120,13 +132,23 @@ def fused_combined_loss(
     )
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    padded_vocab = weight.shape[0] * tp_size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    if not 0 < vocab_size <= padded_vocab:
+        raise ValueError(
+            f"vocab_size must be in [1, {padded_vocab}] (the weight's rows x TP), got {vocab_size}"
+        )
     _validate(hidden, weight, labels, loss_type, token_weight, advantages, old_logprobs,
-              ref_logprobs, params, vocab_size=weight.shape[0] * tp_size)  # fmt: skip
+              ref_logprobs, params, vocab_size=vocab_size)  # fmt: skip
     impl = resolve_kernels(kernels, hidden.device)
     ref = ref_logprobs if ref_logprobs is not None else old_logprobs
+    # Decided here: inside Function.forward grad mode is always off, and needs_input_grad says
+    # True for a Parameter even under torch.no_grad.
+    grad_enabled = torch.is_grad_enabled()
     loss, logprobs, entropy, clipped, token_loss = _FusedCombinedLoss.apply(
         hidden, weight, labels, loss_type, token_weight, advantages, old_logprobs, ref,
-        _Options(params, tp_group, tp_rank, impl, chunk_bytes),
+        _Options(params, tp_group, tp_rank, impl, chunk_bytes, vocab_size, grad_enabled),
     )  # fmt: skip
     num_pg = int((loss_type == PG).sum())
     return CombinedLossOutput(
@@ -184,6 +206,10 @@ class _Options:
     tp_rank: int
     kernels: LogitKernels
     chunk_bytes: int
+    vocab_size: int
+    """True vocabulary size; global rows at or beyond it are padding."""
+    grad_enabled: bool
+    """Whether gradients were enabled where the loss was called (no buffers otherwise)."""
 
 
 class _FusedCombinedLoss(torch.autograd.Function):
@@ -203,8 +229,12 @@ class _FusedCombinedLoss(torch.autograd.Function):
         num_tokens, hidden_size = hidden.shape
         vocab_shard = weight.shape[0]
         vocab_start = opts.tp_rank * vocab_shard
+        # This shard's real rows: a leading slice (padding sits at the end of the vocabulary).
+        num_real = min(vocab_shard, max(0, opts.vocab_size - vocab_start))
+        real_weight = weight[:num_real]
         device = hidden.device
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh = opts.grad_enabled and ctx.needs_input_grad[0]
+        need_dw = opts.grad_enabled and ctx.needs_input_grad[1]
 
         logprobs = torch.zeros(num_tokens, dtype=torch.float32, device=device)
         entropy = torch.zeros_like(logprobs)
@@ -223,16 +253,21 @@ class _FusedCombinedLoss(torch.autograd.Function):
         )
 
         active = (loss_type != IGNORE).nonzero(as_tuple=True)[0]
+        # Every rank of the TP group must run the same number of chunks (collectives inside),
+        # so the chunk size comes from the shard size, which all ranks share, not num_real.
         rows = max(1, opts.chunk_bytes // (4 * vocab_shard))
-        # Every rank of the TP group must run the same number of chunks (collectives inside).
         num_chunks = math.ceil(active.numel() / rows)
         for chunk in range(num_chunks):
             idx = active[chunk * rows : (chunk + 1) * rows]
             h = hidden.index_select(0, idx)
-            # [Tc, V]: the model-dtype GEMM, upcast (see the module docstring).
-            z = torch.matmul(h, weight.t()).float()
+            # [Tc, V] logits of the real rows: the model-dtype GEMM, upcast (module docstring).
+            z = torch.matmul(h, real_weight.t()).float()
             lab = labels.index_select(0, idx)
-            m, s, zs, label_logit = opts.kernels.row_stats(z, lab, vocab_start)
+            if num_real:
+                m, s, zs, label_logit = opts.kernels.row_stats(z, lab, vocab_start)
+            else:  # an all-padding shard: the neutral element of the shard merge
+                m = torch.full((idx.numel(),), -math.inf, device=device)
+                s, zs, label_logit = torch.zeros(3, idx.numel(), device=device)
             m, s, zs, label_logit = _combine_shards(m, s, zs, label_logit, opts.tp_group)
             lse = m + torch.log(s)
             logp = label_logit - lse
@@ -268,16 +303,17 @@ class _FusedCombinedLoss(torch.autograd.Function):
             entropy.index_copy_(0, idx, ent)
             clipped.index_copy_(0, idx, token_clipped)
             per_token.index_copy_(0, idx, token_loss.detach())
-            if need_dh or need_dw:
+            if (need_dh or need_dw) and num_real:
                 opts.kernels.logit_grad_(z, lab, vocab_start, lse, ent, coef_logp, coef_ent)
                 dz = z.to(weight.dtype)
                 if need_dh:
-                    d_hidden.index_copy_(0, idx, torch.matmul(dz, weight).float())
+                    d_hidden.index_copy_(0, idx, torch.matmul(dz, real_weight).float())
                 if need_dw:
+                    # Padded rows keep their zero gradient.
                     if weight.dtype == torch.float32:
-                        d_weight.addmm_(dz.t(), h)
+                        d_weight[:num_real].addmm_(dz.t(), h)
                     else:
-                        d_weight += torch.matmul(dz.t(), h).float()
+                        d_weight[:num_real] += torch.matmul(dz.t(), h).float()
             del z
         if need_dh and opts.tp_group is not None:
             # Each shard saw only its slice of the vocabulary; the hidden state fed all of them.

@@ -2,10 +2,17 @@
 
 For every mixed group, each (y+, y-) pair becomes one analysis request through the same rollout
 engine, at the weight version that produced the rollouts (nothing syncs in between; we assert
-it). A candidate M is dropped if generation hit the length limit (counted), and optionally if it
-leaks the gold answer or lacks heuristics. Each survivor is validated by a replay: the policy
-re-solves the question with M in its prompt, once; M is kept only if that answer verifies. The
-replay is a filter only and is never trained on.
+it). A candidate M is dropped if generation hit the length limit (counted), if its NLL sequence
+(reflection prompt + M) would exceed model.max_seq_len ("too_long", counted; not a candidate
+either), and optionally if it leaks the gold answer or lacks heuristics. Each survivor is validated by a replay: the policy
+re-solves the question with M in its prompt, once, sampled like a rollout (rollout.top_p and
+top_k, reflection.replay_temperature) and scored like one (a truncated replay scores 0 unless
+reward.score_truncated); M is kept only if that answer verifies. The replay is a filter only
+and is never trained on.
+
+Every analysis and every replay is its own request, so each draws its own random stream
+(derived from the call's seed and the request id by the engine): the replays of one question
+with different meta-experiences are independent draws.
 
 Kept meta-experiences become NLL samples: context = the exact reflection prompt the engine saw
 ([I, x, y-, y+], chat-formatted), targets = M's generated tokens including the end-of-turn token.
@@ -18,14 +25,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from megatron_mel.config import ReflectionConfig
+from megatron_mel.config import ReflectionConfig, RolloutConfig
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.reflection.pairs import contrastive_pairs, is_mixed
 from megatron_mel.reflection.parsing import leaks_answer, parse_experience
 from megatron_mel.reflection.store import ExperienceRecord
 from megatron_mel.reflection.templates import ReflectionTemplates
-from megatron_mel.rewards.verifier import RewardPool, extract_answer
+from megatron_mel.rewards.verifier import RewardPool, extract_answer, outcome_score
 from megatron_mel.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from megatron_mel.rollout.groups import RolloutGroup
 
@@ -40,6 +47,7 @@ class _Candidate:
     truncated: bool = False
     reason: str = ""
     replay_answer: str | None = None
+    replay_text: str | None = None
 
 
 @dataclass(slots=True)
@@ -61,14 +69,19 @@ class Reflector:
         formatter: PromptFormatter,
         reward_pool: RewardPool,
         *,
-        rollout_max_new_tokens: int,
+        rollout: RolloutConfig,
+        score_truncated: bool,
+        max_seq_len: int,
         seed: int,
     ) -> None:
         self.cfg = cfg
         self.templates = templates
         self.formatter = formatter
         self.pool = reward_pool
-        self.replay_max_new_tokens = cfg.replay_max_new_tokens or rollout_max_new_tokens
+        self.rollout = rollout
+        self.replay_max_new_tokens = cfg.replay_max_new_tokens or rollout.max_new_tokens
+        self.score_truncated = score_truncated
+        self.max_seq_len = max_seq_len
         self.seed = seed
 
     def run(
@@ -104,11 +117,14 @@ class Reflector:
             for c in kept
         ]  # fmt: skip
         records = [self._record(c, step) for c in candidates]
-        leaked = sum(r.leaked for r in records if r.reason != "truncated")
-        complete = [r for r in records if r.reason != "truncated"]
-        dropped = sum(c.reason == "truncated" for c in candidates)
+        # Cut by a length limit: not a candidate (MEL.md step 5), counted.
+        too_long = {"truncated", "too_long"}
+        leaked = sum(r.leaked for r in records if r.reason not in too_long)
+        complete = [r for r in records if r.reason not in too_long]
+        dropped = sum(c.reason in too_long for c in candidates)
         counts.update(candidates=len(candidates) - dropped, kept=len(kept),
-                      truncated=sum(c.truncated for c in candidates))  # fmt: skip
+                      truncated=sum(c.truncated for c in candidates),
+                      too_long=sum(c.reason == "too_long" for c in candidates))  # fmt: skip
         metrics = {
             "mel/mixed_groups": float(counts["mixed_groups"]),
             "mel/pairs": float(counts["pairs"]),
@@ -118,9 +134,13 @@ class Reflector:
             "mel/truncation_rate": counts["truncated"] / counts["pairs"]
             if counts["pairs"]
             else 0.0,
+            "mel/too_long": float(counts["too_long"]),
             "mel/leak_rate": leaked / len(complete) if complete else 0.0,
             "mel/heuristics_rate": (
                 sum(r.has_heuristics for r in complete) / len(complete) if complete else 0.0
+            ),
+            "mel/sections_rate": (
+                sum(r.all_sections for r in complete) / len(complete) if complete else 0.0
             ),
             "mel/me_length": (sum(len(c.token_ids) for c in kept) / len(kept) if kept else 0.0),
         }
@@ -158,6 +178,8 @@ class Reflector:
             tokens["reflection"] += len(completion.token_ids)
             if candidate.truncated and self.cfg.drop_truncated:
                 candidate.reason = "truncated"
+            elif len(candidate.prompt_ids) + len(candidate.token_ids) > self.max_seq_len:
+                candidate.reason = "too_long"
             elif self.cfg.reject_answer_leaks and leaks_answer(
                 candidate.text, candidate.group.problem.answer
             ):
@@ -176,6 +198,7 @@ class Reflector:
         versions: set[int],
     ) -> None:
         params = SamplingParams(temperature=self.cfg.replay_temperature,
+                                top_p=self.rollout.top_p, top_k=self.rollout.top_k,
                                 max_new_tokens=self.replay_max_new_tokens,
                                 stop_token_ids=self.formatter.stop_token_ids,
                                 seed=self.seed + 104729 * step)  # fmt: skip
@@ -191,18 +214,16 @@ class Reflector:
             )
             for i, c in enumerate(survivors)
         ]
-        results = engine.generate(requests)
-        texts = []
-        for result in results:
-            completion = result.completions[0]
+        completions = [result.completions[0] for result in engine.generate(requests)]
+        for completion in completions:
             _check_version(completion.weight_version, versions)
             tokens["replay"] += len(completion.token_ids)
-            texts.append(
-                "" if completion.truncated else self.formatter.decode(completion.token_ids)
-            )
+        texts = [self.formatter.decode(c.token_ids) for c in completions]
         scores = self.pool.score([(t, c.group.problem.answer) for t, c in zip(texts, survivors)])
-        for candidate, text, score in zip(survivors, texts, scores):
-            candidate.replay_answer = extract_answer(text) if text else None
+        for candidate, text, completion, score in zip(survivors, texts, completions, scores):
+            candidate.replay_answer = extract_answer(text)
+            candidate.replay_text = text
+            score = outcome_score(score, completion.truncated, self.score_truncated)
             candidate.reason = "kept" if score > 0 else "replay_failed"
 
     def _record(self, c: _Candidate, step: int) -> ExperienceRecord:
@@ -216,9 +237,11 @@ class Reflector:
             kept=c.reason == "kept",
             reason=c.reason,
             replay_answer=c.replay_answer,
+            replay_text=c.replay_text,
             failure_point=parsed.failure_point,
             leaked=leaks_answer(c.text, c.group.problem.answer),
             has_heuristics=parsed.has_heuristics,
+            all_sections=parsed.complete,
             num_tokens=len(c.token_ids),
         )
 

@@ -1,7 +1,7 @@
 """The meta-experience store: every candidate M of the run, kept or not, as JSONL.
 
-One line per candidate: step, prompt id, pair, weight version, text, kept, replay answer, parsed
-failure point and the flags behind the decision. The file is appended (and fsynced) each step;
+One line per candidate: step, prompt id, pair, weight version, text, kept, replay answer and
+response, parsed failure point and the flags behind the decision. The file is appended (and fsynced) each step;
 a checkpoint keeps a copy, and a resumed run restores that copy so records of the interrupted
 step do not appear twice. MLflow receives it as an artifact.
 """
@@ -27,12 +27,17 @@ class ExperienceRecord:
     text: str
     kept: bool
     reason: str
-    """Why it was kept or dropped: kept, truncated, leak, no_heuristics, replay_failed."""
+    """Why it was kept or dropped: kept, truncated, too_long, leak, no_heuristics,
+    replay_failed."""
     replay_answer: str | None
     failure_point: str | None
     leaked: bool
     has_heuristics: bool
     num_tokens: int
+    all_sections: bool = False
+    """All four sections of the instruction were found (mel/sections_rate)."""
+    replay_text: str | None = None
+    """The replay's response (None if M never reached the replay): why M was kept or not."""
 
 
 class ExperienceStore:

@@ -24,9 +24,11 @@ Sampling. ``temperature == 0`` is greedy (argmax, first index on ties, like tran
 the fp32 logits are divided by the temperature, softmaxed, filtered by top-k then top-p (the
 smallest set of most likely tokens whose mass reaches ``top_p``), and one token is drawn by
 inverse-CDF with a uniform from the sample's own ``torch.Generator``, seeded from
-``(request seed, sample index)``. All of a sample's uniforms are drawn up front, so its tokens
-depend on its seed, index, prompt and weights only, never on batch composition. Requests without
-a seed get one from the engine's own generator.
+``(request seed, sample index)``, where the request seed is derived from the call's seed and the
+request id (:func:`~.engine.request_seed`), so requests sharing a seed draw independent streams.
+All of a sample's uniforms are drawn up front, so its tokens depend on its seed, request id,
+index, prompt and weights only, never on batch composition. Requests without a seed get one
+from the engine's own generator.
 
 Log-probs. Each completion's ``logprobs[i]`` is ``log_softmax(logits)[token_i]`` of the raw fp32
 logits, i.e. at temperature 1 and before top-k/top-p, whatever the sampling parameters: the
@@ -62,6 +64,7 @@ from megatron_mel.rollout.engine import (
     RolloutEngine,
     SamplingParams,
     WeightBucket,
+    request_seed,
 )
 
 
@@ -237,9 +240,10 @@ class EmbeddedEngine(RolloutEngine):
         samples: list[_Sample] = []
         for r, req in enumerate(requests):
             params = req.params
-            seed = params.seed
-            if seed is None:
+            if params.seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+            else:
+                seed = request_seed(params.seed, req.request_id)
             prompt = list(req.prompt_token_ids)
             samples += [_Sample(r, i, prompt, params, seed) for i in range(params.n)]
         with self._lock, torch.inference_mode():

@@ -26,6 +26,7 @@ Contract (the base class holds the guards, subclasses implement the ``_hooks``):
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -65,7 +66,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """Generation ends after any of these (included in the output); the EOS belongs here."""
     seed: int | None = None
-    """Seeds this request's sampling; the same seed, prompt and weights give the same tokens."""
+    """Seeds the call's sampling. Each request draws from its own stream, derived from this
+    seed and its request id (:func:`request_seed`): requests that share a seed are still
+    independent draws, and the same seed, request id, prompt and weights give the same tokens."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -78,6 +81,22 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# Derived seeds stay below 2**62 so that engines adding the sample index (seed + i, SGLang and
+# vLLM) remain within int64.
+_SEED_SPACE = 2**62
+
+
+def request_seed(seed: int, request_id: str) -> int:
+    """The sampling seed of request ``request_id`` in a call seeded ``seed``, in [0, 2**62).
+
+    A hash, so the replays of one question with different meta-experiences (or the samples of
+    different prompts) in one call are independent streams rather than copies of one stream;
+    it depends on nothing else, so a retried or resumed call draws the same tokens.
+    """
+    digest = hashlib.blake2b(f"{seed}:{request_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _SEED_SPACE
 
 
 @dataclass(frozen=True, slots=True)

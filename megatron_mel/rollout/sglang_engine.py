@@ -10,7 +10,7 @@ Generation. Each :class:`GenerationRequest` becomes one ``POST /generate`` with 
 ``n`` copies of the prompt. The body carries ``input_ids`` (a list of ``n`` prompts),
 ``sampling_params`` (one dict per copy), ``rid`` (one per copy) and ``return_logprob: true``.
 Copies are sent as a batch, not with SGLang's ``n``, so each copy can carry its own
-``sampling_seed`` (``seed + i``). SGLang applies that seed only under
+``sampling_seed`` (``request_seed(seed, request id) + i``). SGLang applies that seed only under
 ``--enable-deterministic-inference``. Tokens and log-probs come from
 ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]`` triples, checked against
 ``output_ids`` when present). The finish reason comes from ``meta_info.finish_reason.type``
@@ -57,6 +57,7 @@ from megatron_mel.rollout.engine import (
     GenerationRequest,
     GenerationResult,
     RolloutEngine,
+    request_seed,
 )
 from megatron_mel.rollout.http import HttpError, raise_engine_errors, request_json, run_parallel
 
@@ -80,7 +81,7 @@ def build_generate_payload(request: GenerationRequest, rid_base: str) -> dict[st
             "ignore_eos": not p.stop_token_ids,
         }
         if p.seed is not None:
-            sp["sampling_seed"] = p.seed + i
+            sp["sampling_seed"] = request_seed(p.seed, request.request_id) + i
         copies.append(sp)
     return {
         "input_ids": [list(request.prompt_token_ids) for _ in range(p.n)],

@@ -13,8 +13,9 @@ The engine is built with ``logprobs_mode="raw_logprobs"`` (also vLLM's default):
 ``log_softmax`` of the model's raw logits, before temperature, penalties and top-k/top-p, which
 is the unscaled quantity the contract asks for. ``ignore_eos=True`` keeps vLLM from adding the
 generation-config EOS ids to the stop set, so exactly ``stop_token_ids`` end a completion (the
-stop token stays in ``token_ids``). With a seed and ``n > 1``, vLLM gives child ``i`` the seed
-``seed + i``, which is the same convention as the SGLang engine.
+stop token stays in ``token_ids``). The seed passed is ``request_seed(seed, request id)``, so
+requests sharing a seed draw independent streams; with ``n > 1``, vLLM gives child ``i`` that
+seed ``+ i``, which is the same convention as the SGLang engine.
 
 Weights: the worker extension (``worker_extension_cls`` = :data:`WORKER_EXTENSION`) adds
 ``mel_load_bucket`` and ``mel_get_weights`` to every vLLM worker, called through
@@ -54,6 +55,7 @@ from megatron_mel.rollout.engine import (
     RolloutEngine,
     SamplingParams,
     WeightBucket,
+    request_seed,
 )
 from megatron_mel.rollout.sglang_weights import (
     GPUBackendUnavailable,
@@ -87,8 +89,8 @@ _STACKED = (
 # -- pure parts ------------------------------------------------------------------------------
 
 
-def sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
-    """Keyword arguments of ``vllm.SamplingParams`` for one request."""
+def sampling_kwargs(p: SamplingParams, request_id: str) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams`` for request ``request_id``."""
     return {
         "n": p.n,
         "temperature": p.temperature,
@@ -97,7 +99,7 @@ def sampling_kwargs(p: SamplingParams) -> dict[str, Any]:
         "max_tokens": p.max_new_tokens,
         "stop_token_ids": list(p.stop_token_ids),
         "ignore_eos": True,
-        "seed": p.seed,
+        "seed": None if p.seed is None else request_seed(p.seed, request_id),
         "logprobs": 0,
     }
 
@@ -272,7 +274,7 @@ class VLLMEngine(RolloutEngine):
 
     def _generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
-        params = [self._sampling_cls(**sampling_kwargs(r.params)) for r in requests]
+        params = [self._sampling_cls(**sampling_kwargs(r.params, r.request_id)) for r in requests]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         if len(outputs) != len(requests):
             raise EngineError(self.name, f"{len(outputs)} outputs for {len(requests)} prompts")

@@ -57,6 +57,11 @@ class ActorSettings:
     optim: OptimConfig
     num_steps: int
     dtype: torch.dtype
+    vocab_size: int
+    """The model's true vocabulary (ModelArch.vocab_size); the output weight's padding rows
+    beyond it stay out of the softmax."""
+    max_seq_len: int
+    """model.max_seq_len: a longer training sample is an error naming that key."""
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], settings: ActorSettings) -> list[DDP]:
@@ -130,10 +135,15 @@ class PolicyRunner:
         parallel: ParallelConfig,
         micro_batch_tokens: int,
         loss_fn: LossFunction | None = None,
+        *,
+        vocab_size: int,
+        max_seq_len: int,
     ) -> None:
         self.chunks = chunks
         self.loss_fn = loss_fn
         self.micro_batch_tokens = micro_batch_tokens
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
         self.device = next(chunks[0].parameters()).device
         self.sequence_parallel = parallel.sequence_parallel
         self.pad_multiple = parallel.tp if self.sequence_parallel else 1
@@ -177,7 +187,8 @@ class PolicyRunner:
             batches = [_padding_micro_batch(max(1, self.pad_multiple))]
         else:
             budget = max_tokens or self.micro_batch_tokens
-            batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple)
+            batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple,
+                                         max_seq_len=self.max_seq_len)  # fmt: skip
         for index, batch in enumerate(batches):
             batch.index = index
         return batches
@@ -201,7 +212,9 @@ class PolicyRunner:
                     )
                 hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [t, H]
                 if forward_only:
-                    return self._logprob_record(hidden, weight, batch, tp_group, record)
+                    return self._logprob_record(
+                        hidden, weight, batch, tp_group, record, self.vocab_size
+                    )
                 loss, metrics = self.loss_fn(hidden, weight, batch, tp_group)
                 record.update(metrics)
                 return loss
@@ -239,10 +252,11 @@ class PolicyRunner:
         batch: TrainMicroBatch,
         tp_group: dist.ProcessGroup | None,
         record: dict[str, Any],
+        vocab_size: int,
     ) -> torch.Tensor:
         out = fused_combined_loss(
             hidden, weight, batch.labels, batch.loss_type, batch.token_weight,
-            batch.advantages, batch.old_logprobs, tp_group=tp_group,
+            batch.advantages, batch.old_logprobs, vocab_size=vocab_size, tp_group=tp_group,
         )  # fmt: skip
         logprobs = out.logprobs.cpu()
         targets = (batch.loss_type == NLL).cpu()
@@ -266,7 +280,8 @@ class Actor(PolicyRunner):
         aggregation: AggregationSpec,
         settings: ActorSettings,
     ) -> None:
-        super().__init__(wrapped, settings.parallel, settings.optim.micro_batch_tokens, loss_fn)
+        super().__init__(wrapped, settings.parallel, settings.optim.micro_batch_tokens, loss_fn,
+                         vocab_size=settings.vocab_size, max_seq_len=settings.max_seq_len)  # fmt: skip
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.aggregation = aggregation
@@ -386,7 +401,12 @@ def build_actor(
         sum_norm_length=response_budget,
     )
     return Actor(
-        wrapped, optimizer, scheduler, make_loss(algorithm, kernels), aggregation, settings
+        wrapped,
+        optimizer,
+        scheduler,
+        make_loss(algorithm, settings.vocab_size, kernels),
+        aggregation,
+        settings,
     )
 
 

@@ -68,7 +68,8 @@ def build_policy(cfg: RunConfig, arch: ModelArch) -> Actor:
     load_hf_weights(chunks, cfg.model.hf_dir, arch,
                     arch.padded_vocab_size(cfg.model.vocab_padding_multiple))  # fmt: skip
     settings = ActorSettings(parallel=cfg.parallel, optim=cfg.optim,
-                             num_steps=cfg.trainer.num_steps, dtype=DTYPES[cfg.model.dtype])  # fmt: skip
+                             num_steps=cfg.trainer.num_steps, dtype=DTYPES[cfg.model.dtype],
+                             vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len)  # fmt: skip
     return build_actor(chunks, settings, cfg.algorithm, response_budget=cfg.rollout.max_new_tokens)
 
 
@@ -85,7 +86,8 @@ def build_reference(cfg: RunConfig, arch: ModelArch) -> PolicyRunner | None:
                     arch.padded_vocab_size(cfg.model.vocab_padding_multiple))  # fmt: skip
     for chunk in chunks:
         chunk.requires_grad_(False)
-    return PolicyRunner(chunks, cfg.parallel, cfg.optim.micro_batch_tokens)
+    return PolicyRunner(chunks, cfg.parallel, cfg.optim.micro_batch_tokens,
+                        vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len)  # fmt: skip
 
 
 def build_layout(cfg: RunConfig) -> Layout:
@@ -231,20 +233,22 @@ def build_driver(
         solve_template=cfg.data.prompt_template,
     )
     with lifecycle.shielded_children():  # the pool stops its workers; signals are the rank's
-        pool = RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
-                          timeout_s=cfg.reward.timeout_s)  # fmt: skip
+        pool = RewardPool.from_config(cfg.reward)
     templates = ReflectionTemplates.load(
         cfg.reflection.experience_template, cfg.reflection.replay_template
     )
     reflector = Reflector(cfg.reflection, templates, formatter, pool,
-                          rollout_max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.launch.seed)  # fmt: skip
-    kept = drop_long_prompts(train, formatter, cfg.data.max_prompt_tokens)
+                          rollout=cfg.rollout, score_truncated=cfg.reward.score_truncated,
+                          max_seq_len=cfg.model.max_seq_len, seed=cfg.launch.seed)  # fmt: skip
+    kept, dropped = drop_long_prompts(train, formatter, cfg.data.max_prompt_tokens)
     return DriverHandles(
         engine=build_engine(cfg, arch, layout),
         formatter=formatter,
         pool=pool,
         reflector=reflector,
-        sampler=PromptSampler(kept, seed=cfg.launch.seed, shuffle=cfg.data.shuffle),
+        sampler=PromptSampler(
+            kept, seed=cfg.launch.seed, shuffle=cfg.data.shuffle, dropped_too_long=dropped
+        ),
         store=ExperienceStore(cfg.launch.run_dir),
         benchmarks=benchmarks,
     )

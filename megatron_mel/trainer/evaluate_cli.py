@@ -16,10 +16,11 @@ from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.models.arch import load_arch
 from megatron_mel.rewards.verifier import RewardPool
 from megatron_mel.trainer.build import build_engine
-from megatron_mel.trainer.evaluation import EvalSpec, evaluate, markdown_table
+from megatron_mel.trainer.evaluation import BenchmarkResult, EvalSpec, evaluate, markdown_table
 
 
-def run_eval(cfg: RunConfig) -> int:
+def evaluate_model(cfg: RunConfig) -> list[BenchmarkResult]:
+    """Evaluate ``cfg.model.hf_dir`` on ``cfg.data.eval_paths`` as the trainer's eval does."""
     if not cfg.data.eval_paths:
         raise ConfigError("data.eval_paths: no benchmarks to evaluate")
     keys = dict(id_key=cfg.data.id_key, question_key=cfg.data.question_key,
@@ -35,10 +36,15 @@ def run_eval(cfg: RunConfig) -> int:
     spec = EvalSpec(k=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature,
                     max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
                     seed=cfg.launch.seed, score_truncated=cfg.reward.score_truncated)  # fmt: skip
-    with RewardPool(cfg.reward.function, num_workers=cfg.reward.num_workers,
-                    timeout_s=cfg.reward.timeout_s) as pool:  # fmt: skip
-        results = evaluate(engine, formatter, pool, benchmarks, spec)
-    engine.shutdown()
+    try:
+        with RewardPool.from_config(cfg.reward) as pool:
+            return evaluate(engine, formatter, pool, benchmarks, spec)
+    finally:
+        engine.shutdown()
+
+
+def run_eval(cfg: RunConfig) -> int:
+    results = evaluate_model(cfg)
     table = markdown_table(results)
     out = Path(cfg.launch.run_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from megatron_mel.data.datasets import Problem
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.models.arch import load_arch
 from megatron_mel.net.health import check_services
+from megatron_mel.report import log_report
 from megatron_mel.rollout.engine import SamplingParams
 from megatron_mel.rollout.groups import generate_groups
 from megatron_mel.rollout.handoff import Handoff
@@ -103,6 +104,8 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
         stopped = stop is not None and state.step < cfg.trainer.num_steps
         status = "KILLED" if stopped else "FINISHED"
     finally:
+        if ctx.is_main:  # the report plots go to MLflow too; a failure there only warns
+            log_report(tracker, cfg.launch.run_dir)
         tracker.close(status)
         sync.close()
         driver.close()
@@ -198,6 +201,7 @@ def _generate_for(
         records = []
     driver.store.append(records)  # after every generation call succeeded: retries write once
     metrics["data/epoch"] = float(driver.sampler.epoch)
+    metrics["data/prompts_dropped_too_long"] = float(driver.sampler.dropped_too_long)
     return samples, metrics, dict(timer.seconds)
 
 

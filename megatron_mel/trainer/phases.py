@@ -20,7 +20,7 @@ from megatron_mel.algorithms.advantages import compute_advantages
 from megatron_mel.config import AlgorithmConfig
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.net.health import backoff_delays
-from megatron_mel.rewards.verifier import RewardPool
+from megatron_mel.rewards.verifier import RewardPool, outcome_score
 from megatron_mel.rollout.engine import EngineError
 from megatron_mel.rollout.groups import RolloutGroup
 
@@ -76,7 +76,7 @@ def score_groups(
     scores = iter(pool.score(items))
     # zip consumes exactly one score per completion, in order.
     return [
-        [0.0 if c.truncated and not score_truncated else s for c, s in zip(g.completions, scores)]
+        [outcome_score(s, c.truncated, score_truncated) for c, s in zip(g.completions, scores)]
         for g in groups
     ]
 

@@ -33,3 +33,19 @@ def slow_even_length(response: str, answer: str) -> tuple[float, str]:
 
     time.sleep(1.0)
     return even_length(response, answer)
+
+
+def always_raises(response: str, answer: str) -> float:
+    """A broken reward function (a typo in a field name, say): fails on every call."""
+    raise KeyError(f"no field 'final' in {response[:10]!r}")
+
+
+def returns_nan(response: str, answer: str) -> float:
+    return float("nan")
+
+
+def raises_on_odd_length(response: str, answer: str) -> float:
+    """Fails on some inputs only: one-off failures that must not stop training."""
+    if len(response) % 2:
+        raise ValueError("odd")
+    return 1.0

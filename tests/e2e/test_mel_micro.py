@@ -5,6 +5,7 @@ reflection work; meta-experiences reach the store and MLflow."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -109,9 +110,13 @@ def test_store_and_mlflow_hold_the_run(runs):
     history = client.get_metric_history(run.info.run_id, "mel/retention")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"meta_experiences", "config.yaml", "eval"} <= artifacts
+    assert {"meta_experiences", "config.yaml", "eval", "report"} <= artifacts
     (store,) = client.list_artifacts(run.info.run_id, "meta_experiences")
     assert store.path.endswith("meta_experiences.jsonl")
+    # The end-of-run report: the same plots megatron-mel report draws, logged to MLflow.
+    report = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"overview.png", "reward.png", "retention.png", "report.md"} <= report
+    assert (run_dir / "report" / "overview.png").is_file()
 
 
 def test_grpo_does_no_reflection_work(runs):

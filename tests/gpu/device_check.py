@@ -88,7 +88,8 @@ def check_train_step(hf_dir: Path, small: bool) -> tuple[str, object, object]:
         chunks, str(hf_dir), arch, arch.padded_vocab_size(model_cfg.vocab_padding_multiple)
     )
     settings = ActorSettings(parallel=parallel, optim=OptimConfig(lr=1e-5), num_steps=2,
-                             dtype=DTYPES[dtype])  # fmt: skip
+                             dtype=DTYPES[dtype], vocab_size=arch.vocab_size,
+                             max_seq_len=model_cfg.max_seq_len)  # fmt: skip
     actor = build_actor(chunks, settings, AlgorithmConfig(), response_budget=64)
     batch = training_batch(arch.vocab_size, 1 if small else 4)
     device = platform.collective_device()
@@ -171,16 +172,16 @@ def check_parity(hf_dir: Path) -> str:
     load_hf_weights(
         chunks, str(hf_dir), arch, arch.padded_vocab_size(model_cfg.vocab_padding_multiple)
     )
-    report = parity(chunks, arch, hf_dir, torch.float32)
+    report = parity(chunks, arch, hf_dir, torch.float32, with_logprobs=True)
     assert report is not None
-    if not report.ok(1e-3):
-        raise AssertionError(
-            f"logit diff batch {report.batch_max_abs_diff:.3e}, pack {report.packed_max_abs_diff:.3e}"
-        )
-    return (
-        f"batch {report.batch_max_abs_diff:.3e}, THD pack {report.packed_max_abs_diff:.3e} "
-        f"(max |logit| {report.logit_scale:.2f}; tolerance 1e-3)"
+    # Judged against fp32 noise (convert/verify.py): Megatron vs fp64 within 4x transformers'.
+    summary = (
+        f"batch {report.batch.describe()}; THD pack {report.packed.describe()}; log-probs "
+        f"{report.logprobs.describe()} (max |logit| {report.logit_scale:.2f})"
     )
+    if not report.ok():
+        raise AssertionError(summary)
+    return summary
 
 
 def check_weight_sync(actor, arch, hf_dir: Path, small: bool) -> str:

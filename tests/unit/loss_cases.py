@@ -2,7 +2,9 @@
 
 Each case builds inputs deterministically; ``check_case`` runs one implementation and the naive
 full-logits reference and returns the worst relative error of loss, logprobs, entropy,
-d_hidden and d_weight.
+d_hidden and d_weight. Cases with ``padding`` append that many rows to the output weight (random,
+not zero, so a leak into the softmax would show) and pass the true ``vocab_size``: the fused
+loss must equal the reference over the real rows only and leave the padded rows' gradient 0.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class Case:
     kinds: tuple[int, ...] = (0, 1, 2)
     tied: bool = False
     wide_ratios: bool = False
+    padding: int = 0
+    """Padded vocabulary rows appended to the output weight (model.vocab_padding_multiple)."""
     kwargs: tuple = ()
 
 
@@ -40,6 +44,9 @@ CASES = (
          kwargs=(("dual_clip", 3.0), ("kl_coef", 0.05), ("entropy_coef", 0.01))),
     Case("tied-embeddings", tied=True),
     Case("bf16", dtype=torch.bfloat16),
+    Case("padded-vocab", vocab=1000, padding=24, kinds=(1, 2),
+         kwargs=(("entropy_coef", 0.01),)),
+    Case("padded-vocab-tied", vocab=1000, padding=24, tied=True),
 )  # fmt: skip
 
 
@@ -57,6 +64,9 @@ def build(case: Case, seed: int = 0) -> dict:
     labels = torch.randint(0, v, (t,), generator=gen)
     spread = 1.0 if case.wide_ratios else 0.05
     old = logp.gather(1, labels[:, None])[:, 0] + torch.randn(t, generator=gen) * spread
+    if case.padding:  # drawn last, so the real part of every case is the same as without
+        pad_rows = torch.randn(case.padding, h, generator=gen) * 0.5
+        weight = torch.cat([weight, pad_rows.to(case.dtype)])
     return {
         "weight": weight,
         "ids": ids,
@@ -98,10 +108,18 @@ def rel_err(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
 
 def check_case(case: Case, **extra) -> dict[str, float]:
     data = build(case)
+    if case.padding:
+        extra["vocab_size"] = case.vocab
     got = _run(fused_combined_loss, case, data, chunk_bytes=4 * case.vocab * 5, **extra)
-    ref = _run(reference_combined_loss, case, data)
+    # The reference sees the real rows only: what transformers and the engines compute.
+    ref = _run(reference_combined_loss, case, {**data, "weight": data["weight"][: case.vocab]})
     names = ("loss", "logprobs", "entropy", "d_hidden", "d_weight")
-    return {name: rel_err(g, r) for name, g, r in zip(names, got, ref)}
+    errors = {name: rel_err(g, r) for name, g, r in zip(names, got[:4], ref[:4])}
+    d_weight = got[4]
+    errors["d_weight"] = rel_err(None if d_weight is None else d_weight[: case.vocab], ref[4])
+    if case.padding:  # an absolute check: padded rows must receive exactly no gradient
+        errors["padding_grad"] = float(d_weight[case.vocab :].abs().max())
+    return errors
 
 
 def tolerance(case: Case) -> float:

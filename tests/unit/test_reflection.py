@@ -3,10 +3,12 @@ the NLL samples are exactly as MEL.md says (steps 4-7)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from megatron_mel.algorithms.token_loss import IGNORE, NLL
-from megatron_mel.config import ReflectionConfig
+from megatron_mel.config import ReflectionConfig, RolloutConfig
 from megatron_mel.data.datasets import Problem
 from megatron_mel.data.packing import pack_samples
 from megatron_mel.data.prompts import PromptFormatter
@@ -18,14 +20,18 @@ from megatron_mel.rewards.verifier import RewardPool
 from megatron_mel.rollout.engine import Completion, GenerationResult, RolloutEngine
 from megatron_mel.rollout.groups import RolloutGroup
 
+ROLLOUT = RolloutConfig(max_new_tokens=64)
+
 
 class ScriptedEngine(RolloutEngine):
     """Answers by rule: analyses are "analysis <n>" (the 2nd one truncated); replays answer
-    correctly when the analysis number is odd."""
+    correctly when the analysis number is odd (and hit the length limit if
+    ``truncate_replays``)."""
 
-    def __init__(self, formatter: PromptFormatter) -> None:
+    def __init__(self, formatter: PromptFormatter, truncate_replays: bool = False) -> None:
         super().__init__("scripted")
         self.formatter = formatter
+        self.truncate_replays = truncate_replays
         self.requests: list = []
 
     def _generate(self, requests):
@@ -42,7 +48,7 @@ class ScriptedEngine(RolloutEngine):
             else:
                 n = int(prompt.split("analysis ")[1].split()[0])
                 text = "so \\boxed{42}" if n % 2 else "so \\boxed{41}"
-                reason = "stop"
+                reason = "length" if self.truncate_replays else "stop"
             ids = self.formatter.tokenizer(text, add_special_tokens=False)["input_ids"]
             if reason == "stop":
                 ids = [*ids, self.formatter.stop_token_ids[0]]
@@ -76,7 +82,7 @@ def test_reflection_pipeline_exactly(formatter):
     engine = ScriptedEngine(formatter)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         reflector = Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, pool,
-                              rollout_max_new_tokens=64, seed=0)  # fmt: skip
+                              rollout=ROLLOUT, score_truncated=False, max_seq_len=8192, seed=0)  # fmt: skip
         outcome = reflector.run(engine, groups, step=5)
 
     reflect = [r for r in engine.requests if r.request_id.startswith("reflect/")]
@@ -144,7 +150,88 @@ def test_leak_and_heuristics_filters(formatter):
     cfg = ReflectionConfig(require_heuristics=True, reject_answer_leaks=True)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         outcome = Reflector(cfg, ReflectionTemplates(), formatter, pool,
-                            rollout_max_new_tokens=64, seed=0).run(engine, groups, step=1)  # fmt: skip
+                            rollout=ROLLOUT, score_truncated=False, max_seq_len=8192, seed=0).run(engine, groups, step=1)  # fmt: skip
     (record,) = outcome.records
     assert record.has_heuristics and not record.leaked  # "analysis 0" has no 42 in it
     assert record.reason == "replay_failed"  # analysis 0 is even: the replay answers 41
+
+
+def test_replay_samples_and_scores_like_a_rollout(formatter):
+    """Replays take rollout.top_p / top_k, and a truncated replay counts only with
+    reward.score_truncated (the same rule as rollouts)."""
+    rollout = RolloutConfig(max_new_tokens=64, top_p=0.9, top_k=20)
+    groups = [_group(formatter, "A", [1, 0, 0, 1])]
+    kept = {}
+    with RewardPool(num_workers=1, timeout_s=5) as pool:
+        for score_truncated in (False, True):
+            engine = ScriptedEngine(formatter, truncate_replays=True)
+            reflector = Reflector(ReflectionConfig(replay_temperature=0.7), ReflectionTemplates(),
+                                  formatter, pool, rollout=rollout,
+                                  score_truncated=score_truncated, max_seq_len=8192, seed=0)  # fmt: skip
+            outcome = reflector.run(engine, groups, step=2)
+            replays = [r for r in engine.requests if r.request_id.startswith("replay/")]
+            assert replays and all(
+                (r.params.top_p, r.params.top_k, r.params.temperature, r.params.max_new_tokens)
+                == (0.9, 20, 0.7, 64)
+                for r in replays
+            )
+            kept[score_truncated] = outcome.metrics["mel/kept"]
+    # Analysis 3 answers 42 but is cut by the length limit: kept only when truncation scores.
+    assert kept == {False: 0.0, True: 1.0}
+
+
+def test_replays_of_one_question_draw_independent_streams(formatter, tmp_path):
+    """Two replays of one question with two different meta-experiences in the same call are
+    independent draws. A zero-weight model makes every next-token distribution uniform, so the
+    tokens depend on the random stream alone: shared streams would give identical texts."""
+    from megatron_mel.models.arch import load_arch
+    from megatron_mel.rollout.embedded import EmbeddedEngine
+    from tests.factories import make_micro_policy
+
+    class Recording(RolloutEngine):
+        def __init__(self, inner: RolloutEngine) -> None:
+            super().__init__("recording")
+            self.inner, self.results = inner, []
+
+        def _generate(self, requests):
+            out = self.inner.generate(requests)
+            self.results += out
+            return out
+
+        def _update_weights(self, buckets, version):
+            raise NotImplementedError
+
+        def get_weights(self, names):
+            return {}
+
+    policy = make_micro_policy(tmp_path / "policy", Path(formatter.tokenizer.name_or_path))
+    engine = Recording(EmbeddedEngine(load_arch(policy)))  # no weights loaded: all zeros
+    group = _group(formatter, "A", [1, 0, 0])
+    group.completions = [Completion([1], [0.0], "stop", 0) for _ in range(3)]
+    cfg = ReflectionConfig(max_new_tokens=12, replay_max_new_tokens=12, drop_truncated=False)
+    with RewardPool(num_workers=1, timeout_s=5) as pool:
+        Reflector(cfg, ReflectionTemplates(), formatter, pool, rollout=ROLLOUT,
+                  score_truncated=False, max_seq_len=8192, seed=0).run(engine, [group], step=1)  # fmt: skip
+    analyses = [r for r in engine.results if r.request_id.startswith("reflect/")]
+    replays = [r for r in engine.results if r.request_id.startswith("replay/")]
+    assert len(analyses) == len(replays) == 2
+    assert replays[0].prompt_token_ids != replays[1].prompt_token_ids  # two different M
+    for pair in (analyses, replays):
+        first, second = (r.completions[0].token_ids for r in pair)
+        assert first != second
+
+
+def test_meta_experience_longer_than_max_seq_len_is_dropped_and_counted(formatter):
+    groups = [_group(formatter, "A", [1, 0])]
+    engine = ScriptedEngine(formatter)
+    prompt_len = len(Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, None,
+                               rollout=ROLLOUT, score_truncated=False, max_seq_len=1,
+                               seed=0)._experience_ids(groups[0], (0, 1)))  # fmt: skip
+    with RewardPool(num_workers=1, timeout_s=5) as pool:
+        outcome = Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, pool,
+                            rollout=ROLLOUT, score_truncated=False, max_seq_len=prompt_len + 3,
+                            seed=0).run(engine, groups, step=1)  # fmt: skip
+    (record,) = outcome.records
+    assert record.reason == "too_long" and not outcome.samples
+    assert outcome.metrics["mel/too_long"] == 1 and outcome.metrics["mel/candidates"] == 0
+    assert not [r for r in engine.requests if r.request_id.startswith("replay/")]

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from megatron_mel.config import RolloutConfig, SGLangConfig
-from megatron_mel.rollout.engine import EngineError, GenerationRequest, SamplingParams, WeightBucket
+from megatron_mel.rollout.engine import (
+    EngineError,
+    GenerationRequest,
+    SamplingParams,
+    WeightBucket,
+    request_seed,
+)
 from megatron_mel.rollout.http import request_json
 from megatron_mel.rollout.sglang_engine import (
     LeastOutstandingRouter,
@@ -193,11 +199,12 @@ def test_generate_payload_is_exact():
         n=2, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=16, stop_token_ids=(2, 5), seed=7
     )
     payload = build_generate_payload(GenerationRequest("q1", [11, 12], params), "q1@3")
+    base = request_seed(7, "q1")
     sp = {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_new_tokens": 16,
           "stop_token_ids": [2, 5], "ignore_eos": False}  # fmt: skip
     assert payload == {
         "input_ids": [[11, 12], [11, 12]],
-        "sampling_params": [{**sp, "sampling_seed": 7}, {**sp, "sampling_seed": 8}],
+        "sampling_params": [{**sp, "sampling_seed": base}, {**sp, "sampling_seed": base + 1}],
         "rid": ["q1@3/0", "q1@3/1"],
         "return_logprob": True,
         "stream": False,
@@ -206,6 +213,10 @@ def test_generate_payload_is_exact():
     plain = build_generate_payload(GenerationRequest("a", [1], SamplingParams()), "a@0")
     (sp,) = plain["sampling_params"]  # no stop tokens: EOS must not stop either
     assert sp["ignore_eos"] is True and "sampling_seed" not in sp and sp["top_k"] == -1
+    # Requests of one call sharing the seed get disjoint streams (replays of one question).
+    other = build_generate_payload(GenerationRequest("q2", [11, 12], params), "q2@3")
+    seeds = {c["sampling_seed"] for c in payload["sampling_params"] + other["sampling_params"]}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
 
 
 def _item(tokens, reason, version=None, output_ids=True):

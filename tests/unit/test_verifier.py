@@ -8,7 +8,12 @@ import time
 import pytest
 
 from megatron_mel.config import ConfigError
-from megatron_mel.rewards.verifier import RewardPool, extract_answer, math_reward
+from megatron_mel.rewards.verifier import (
+    RewardFunctionError,
+    RewardPool,
+    extract_answer,
+    math_reward,
+)
 
 
 def test_math_reward_by_hand():
@@ -95,3 +100,44 @@ def test_crashing_reward_scores_zero_and_is_counted():
     with RewardPool("tests.contracts.rewards:crash_on_boom", num_workers=1, timeout_s=2.0) as pool:
         assert pool.score([("ok", "ok"), ("boom", "x"), ("ok", "ok")]) == [1.0, 0.0, 1.0]
         assert pool.metrics()["reward/crashes"] == 1
+
+
+def test_reward_failing_on_every_call_is_an_error_naming_it():
+    """Before: every failure scored 0 silently (no mixed group, MEL silently idle)."""
+    path = "tests.contracts.rewards:always_raises"
+    with RewardPool(path, num_workers=1, timeout_s=2.0, max_consecutive_failures=5) as pool:
+        assert pool.score([("a", "1"), ("b", "1")]) == [0.0, 0.0]  # 2 in a row: tolerated
+        assert pool.metrics()["reward/error:KeyError"] == 2
+        with pytest.raises(RewardFunctionError) as info:
+            pool.score([("c", "1"), ("d", "1"), ("e", "1")])  # 5 in a row, across calls
+    message = str(info.value)
+    assert path in message and "5 consecutive calls" in message
+    assert "reward.max_consecutive_failures=5" in message
+    assert "first failure: KeyError: \"no field 'final' in 'a'\"" in message
+
+
+def test_non_finite_reward_is_a_failure_with_a_clear_message():
+    path = "tests.contracts.rewards:returns_nan"
+    expected = r"first failure: returned nan; a reward must be a finite number"
+    with (
+        RewardPool(path, num_workers=1, timeout_s=2.0, max_consecutive_failures=3) as pool,
+        pytest.raises(RewardFunctionError, match=expected),
+    ):
+        pool.score([("a", "1")] * 3)
+
+
+def test_one_off_failures_score_zero_and_reset_the_count():
+    path = "tests.contracts.rewards:raises_on_odd_length"
+    items = [("ab", "x"), ("abc", "x")] * 6  # never two failures in a row
+    with RewardPool(path, num_workers=1, timeout_s=2.0, max_consecutive_failures=2) as pool:
+        assert pool.score(items) == [1.0, 0.0] * 6
+        assert pool.metrics()["reward/error:ValueError"] == 6
+
+
+def test_task_that_cannot_reach_a_worker_is_resent_not_scored_zero():
+    with RewardPool("tests.contracts.rewards:exact_match", num_workers=1, timeout_s=2.0) as pool:
+        worker = pool._workers[0]
+        worker.process.kill()  # the pipe breaks before the first task is sent
+        worker.process.join(timeout=5)
+        assert pool.score([("abc", "abc"), ("x", "x")]) == [1.0, 1.0]
+        assert pool.metrics()["reward/send_retries"] >= 1

@@ -10,7 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from megatron_mel.rollout.engine import EngineError, GenerationRequest, SamplingParams, WeightBucket
+from megatron_mel.rollout.engine import (
+    EngineError,
+    GenerationRequest,
+    SamplingParams,
+    WeightBucket,
+    request_seed,
+)
 from megatron_mel.rollout.vllm_engine import (
     WORKER_EXTENSION,
     GPUBackendUnavailable,
@@ -154,11 +160,14 @@ def hf_buckets() -> list[WeightBucket]:
 def test_sampling_kwargs_are_exact():
     params = SamplingParams(n=4, temperature=0.8, top_p=0.95, top_k=50, max_new_tokens=64,
                             stop_token_ids=(2, 9), seed=11)  # fmt: skip
-    assert sampling_kwargs(params) == {
+    assert sampling_kwargs(params, "r1") == {
         "n": 4, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "max_tokens": 64,
-        "stop_token_ids": [2, 9], "ignore_eos": True, "seed": 11, "logprobs": 0,
+        "stop_token_ids": [2, 9], "ignore_eos": True, "seed": request_seed(11, "r1"),
+        "logprobs": 0,
     }  # fmt: skip
-    assert sampling_kwargs(SamplingParams())["seed"] is None
+    # vLLM seeds child i with seed + i: requests sharing the call's seed must not overlap.
+    assert abs(sampling_kwargs(params, "r2")["seed"] - sampling_kwargs(params, "r1")["seed"]) > 4
+    assert sampling_kwargs(SamplingParams(), "r1")["seed"] is None
 
 
 def _completion(index, tokens, reason, logprobs=True):
@@ -218,7 +227,7 @@ def test_generate_builds_prompts_and_params():
     results = engine.generate(reqs)
     _, prompts, params, use_tqdm = llm.calls[0]
     assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
-    assert params == [sampling_kwargs(r.params) for r in reqs] and use_tqdm is False
+    assert params == [sampling_kwargs(r.params, r.request_id) for r in reqs] and not use_tqdm
     assert [r.request_id for r in results] == ["a", "b"]
     assert [c.token_ids for c in results[0].completions] == [[3, 7], [4, 7]]
     assert results[0].completions[0].logprobs == [-0.25, -0.5]

@@ -67,7 +67,7 @@ def main() -> None:
     settings = ActorSettings(
         # clip_grad far above the norm: the optimizer reports the global norm without clipping.
         parallel=parallel, optim=OptimConfig(lr=1e-3, clip_grad=1e9), num_steps=4,
-        dtype=torch.float32,
+        dtype=torch.float32, vocab_size=arch.vocab_size, max_seq_len=4096,
     )  # fmt: skip
     algorithm = AlgorithmConfig(clip_low=0.1, clip_high=0.3, nll_coef=0.5)
     actor = build_actor(chunks, settings, algorithm, response_budget=16)

@@ -92,7 +92,8 @@ def main() -> None:
     chunks = build_model_chunks(arch, model_cfg, parallel)
     load_hf_weights(chunks, hf_dir, arch, padded)
     settings = ActorSettings(parallel=parallel, optim=OptimConfig(lr=1e-3), num_steps=2,
-                             dtype=torch.float32)  # fmt: skip
+                             dtype=torch.float32, vocab_size=arch.vocab_size,
+                             max_seq_len=256)  # fmt: skip
     actor = build_actor(chunks, settings, AlgorithmConfig(), response_budget=16)
     engine = EmbeddedEngine(arch, dtype=torch.float32, hf_dir=hf_dir) if ctx.rank == 0 else None
     sync = WeightSynchronizer(actor.chunks, arch, RootTransport(engine), engine,

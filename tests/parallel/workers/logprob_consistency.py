@@ -32,7 +32,12 @@ def main() -> None:
     chunks = build_model_chunks(arch, model_cfg, parallel)
     load_hf_weights(chunks, hf_dir, arch, arch.padded_vocab_size(model_cfg.vocab_padding_multiple))
     settings = ActorSettings(
-        parallel=parallel, optim=OptimConfig(), num_steps=1, dtype=torch.float32
+        parallel=parallel,
+        optim=OptimConfig(),
+        num_steps=1,
+        dtype=torch.float32,
+        vocab_size=arch.vocab_size,
+        max_seq_len=4096,
     )
     actor = build_actor(chunks, settings, AlgorithmConfig(), response_budget=48)
 

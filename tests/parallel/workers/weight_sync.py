@@ -47,7 +47,7 @@ def main() -> None:
     chunks = build_model_chunks(arch, model_cfg, parallel)
     load_hf_weights(chunks, hf_dir, arch, padded)
     settings = ActorSettings(parallel=parallel, optim=OptimConfig(lr=1e-2), num_steps=2,
-                             dtype=torch.float32)  # fmt: skip
+                             dtype=torch.float32, vocab_size=arch.vocab_size, max_seq_len=4096)  # fmt: skip
     actor = build_actor(chunks, settings, AlgorithmConfig(), response_budget=16)
     actor.train_step(global_batch(arch.vocab_size), step=0, num_prompts=2)
 
