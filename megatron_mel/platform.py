@@ -7,6 +7,13 @@ and returns a :class:`DistContext` describing this rank.
 On a machine without CUDA, megatron-core needs a few shims, and they live here and nowhere else:
 
 * a CPU RNG tracker in place of ``CudaRNGStatesTracker`` (which calls torch.cuda RNG APIs);
+* activation recomputation (``model.recompute_activations``): megatron's ``CheckpointFunction``
+  saves and restores "the CUDA RNG state" around every recomputed layer through
+  ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``. On CPU the device
+  generator *is* the CPU generator, which the same code already saves (``torch.get_rng_state``)
+  next to the tracker's states, so the CUDA slot carries an empty state and setting it does
+  nothing. (Unshimmed, the getter raises "Torch not compiled with CUDA enabled" and the setter
+  would queue a never-run callback per layer and step in ``torch.cuda._queued_calls``.)
 * ``torch.cuda.current_device()`` answering ``"cpu"`` (megatron allocates with
   ``device=torch.cuda.current_device()`` in ~200 places);
 * no-op streams, events and ``synchronize``;
@@ -234,6 +241,24 @@ def _reset_cpu_rng_tracker() -> None:
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _no_device_rng_state(*_: Any, **__: Any) -> torch.Tensor:
+    """The "CUDA RNG state" on CPU: empty (the CPU generator is saved separately)."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _ignore_device_rng_state(*_: Any, **__: Any) -> None:
+    return None
+
+
+def _install_recompute_shims() -> None:
+    """Route megatron's checkpoint RNG save/restore to the CPU (see the module docstring)."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    # Module globals: CheckpointFunction and CheckpointWithoutOutput look them up at call time.
+    tp_random._get_cuda_rng_state = _no_device_rng_state
+    tp_random._set_cuda_rng_state = _ignore_device_rng_state
+
+
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -329,6 +354,7 @@ def install_cpu_shims() -> None:
     cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     _reset_cpu_rng_tracker()
+    _install_recompute_shims()
     _cpu_mode = _CpuDeviceMode()
     # Entered for the life of the process: megatron hard-codes CUDA devices on many paths.
     _cpu_mode.__enter__()
