@@ -268,8 +268,11 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     """Entropy bonus (paper: 0)."""
     recompute_old_logprobs: bool = True
-    """pi_old from the trainer's forward on the rollout weights (rho = 1 at the single update);
-    False uses the engine's log-probs (then rho carries the engine/trainer numeric mismatch)."""
+    """pi_old from the trainer at the rollout weights. The trainer takes one optimizer update
+    per batch, so pi_old is the policy at that update: its log-probs come from the training
+    forward itself (rho = 1 exactly there) and no separate no-grad forward runs. False uses the
+    engine's log-probs as pi_old (rho then carries the engine/trainer numeric mismatch). Either
+    way rollout/train_logprob_*_diff compares the engine's log-probs with the training forward's."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)")

@@ -38,8 +38,9 @@ class TrainSample:
     advantage: float = 0.0
     """Outcome advantage, broadcast to every target token (PG only)."""
     old_logprobs: list[float] | None = None
-    """Behaviour log-probs of the target tokens (PG only; None = on-policy, filled by the
-    trainer's recomputation)."""
+    """Behaviour log-probs pi_old of the target tokens (PG only). None = on-policy: pi_old is
+    the policy being trained, taken from the training forward itself (rho = 1 at the update;
+    algorithms/token_loss.py). A pack's PG samples are all on-policy or all carry values."""
     ref_logprobs: list[float] | None = None
     """Reference-policy log-probs of the target tokens (only when a KL term is used)."""
     group_size: int = 1
@@ -47,6 +48,9 @@ class TrainSample:
     token_weight: float = 0.0
     """Set by algorithms.aggregation before packing."""
     prompt_id: str = ""
+    train_logprobs: list[float] | None = None
+    """Set by Actor.forward_backward: log pi_theta of the target tokens in the training forward,
+    at the weights before the update (pi_old of an on-policy sample; rollout/train mismatch)."""
 
     def __post_init__(self) -> None:
         if self.term not in self.TERMS:
@@ -78,7 +82,8 @@ class TrainMicroBatch:
     loss_type: torch.Tensor
     token_weight: torch.Tensor
     advantages: torch.Tensor
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    """None when the pack's PG samples are on-policy (TrainSample.old_logprobs)."""
     ref_logprobs: torch.Tensor | None = None
     sample_ids: list[int] = field(default_factory=list)
     """Index into the packed sample list of each sequence, in pack order."""
@@ -96,7 +101,7 @@ class TrainMicroBatch:
             self.loss_type.to(device),
             self.token_weight.to(device),
             self.advantages.to(device),
-            self.old_logprobs.to(device),
+            None if self.old_logprobs is None else self.old_logprobs.to(device),
             None if self.ref_logprobs is None else self.ref_logprobs.to(device),
             list(self.sample_ids),
             self.index,
@@ -142,6 +147,12 @@ def pack_samples(
     old: list[float] = []
     ref: list[float] = []
     with_ref = any(samples[i].ref_logprobs is not None for i in indices)
+    pg_old = {samples[i].old_logprobs is None for i in indices if samples[i].loss_type == PG}
+    if len(pg_old) > 1:
+        raise ValueError(
+            "a pack mixes on-policy PG samples (old_logprobs None) with off-policy ones"
+        )
+    with_old = pg_old == {False}
     bounds = [0]
     for index in indices:
         sample = samples[index]
@@ -154,8 +165,9 @@ def pack_samples(
         loss_type.extend(kind)
         weight.extend([0.0] * (p - 1) + [sample.token_weight] * (n - p) + [0.0])
         adv.extend([0.0] * (p - 1) + [sample.advantage] * (n - p) + [0.0])
-        targets_old = sample.old_logprobs or [0.0] * (n - p)
-        old.extend([0.0] * (p - 1) + list(targets_old) + [0.0])
+        if with_old:
+            targets_old = sample.old_logprobs or [0.0] * (n - p)
+            old.extend([0.0] * (p - 1) + list(targets_old) + [0.0])
         if with_ref:
             if sample.ref_logprobs is None and sample.loss_type == PG:
                 raise ValueError(f"sample {index} lacks ref_logprobs while others carry them")
@@ -170,7 +182,8 @@ def pack_samples(
         loss_type.extend([IGNORE] * pad)
         weight.extend([0.0] * pad)
         adv.extend([0.0] * pad)
-        old.extend([0.0] * pad)
+        if with_old:
+            old.extend([0.0] * pad)
         if with_ref:
             ref.extend([0.0] * pad)
         bounds.append(bounds[-1] + pad)
@@ -194,7 +207,7 @@ def pack_samples(
         loss_type=torch.tensor(loss_type, dtype=torch.int8),
         token_weight=torch.tensor(weight, dtype=torch.float32),
         advantages=torch.tensor(adv, dtype=torch.float32),
-        old_logprobs=torch.tensor(old, dtype=torch.float32),
+        old_logprobs=torch.tensor(old, dtype=torch.float32) if with_old else None,
         ref_logprobs=torch.tensor(ref, dtype=torch.float32) if with_ref else None,
         sample_ids=list(indices),
     )

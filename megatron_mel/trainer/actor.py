@@ -33,7 +33,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from megatron_mel.algorithms.aggregation import AggregationSpec, assign_token_weights
 from megatron_mel.algorithms.loss import LossFunction, make_loss
-from megatron_mel.algorithms.token_loss import NLL
+from megatron_mel.algorithms.token_loss import IGNORE
 from megatron_mel.config import AlgorithmConfig, OptimConfig, ParallelConfig
 from megatron_mel.convert.checkpoint import unwrap
 from megatron_mel.data.packing import (
@@ -144,7 +144,9 @@ class PolicyRunner:
         """log pi(target token) of every target token of ``samples``, on every rank.
 
         ``samples`` is the same list on every rank; data-parallel replicas each score their
-        share and the results are all-gathered.
+        share and the results are all-gathered. (The training forward yields the same values
+        for the policy itself, see Actor.forward_backward; this is for other policies, such as
+        the frozen reference of a KL term.)
         """
         for chunk in self.chunks:
             chunk.eval()
@@ -155,15 +157,7 @@ class PolicyRunner:
         ]
         mine = shard_for_data_parallel(indexed, dp_rank, dp_size)
         records = self._run_schedule(self._pack(mine), forward_only=True)
-        local: dict[int, list[float]] = {}
-        for record in records if mine else []:  # an empty share ran one padding pack
-            for position, values in record["logprobs"].items():
-                local[int(mine[position].prompt_id)] = values
-        local = share_from_last_stage(local)
-        gathered: list[dict[int, list[float]]] = [{} for _ in range(dp_size)]
-        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
-        merged = {k: v for part in gathered for k, v in part.items()}
-        return [merged[i] for i in range(len(samples))]
+        return _gather_logprobs(records, [int(s.prompt_id) for s in mine], len(samples))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -202,6 +196,7 @@ class PolicyRunner:
                 if forward_only:
                     return self._logprob_record(hidden, weight, batch, tp_group, record)
                 loss, metrics = self.loss_fn(hidden, weight, batch, tp_group)
+                record["logprobs"] = _split_by_sample(metrics.pop("token_logprobs"), batch)
                 record.update(metrics)
                 return loss
 
@@ -243,14 +238,38 @@ class PolicyRunner:
             hidden, weight, batch.labels, batch.loss_type, batch.token_weight,
             batch.advantages, batch.old_logprobs, tp_group=tp_group,
         )  # fmt: skip
-        logprobs = out.logprobs.cpu()
-        targets = (batch.loss_type == NLL).cpu()
-        bounds = batch.inputs.packed_seq_params.cu_seqlens_q.tolist()
-        per_sample = {}
-        for sample_id, start, end in zip(batch.sample_ids, bounds[:-1], bounds[1:]):
-            per_sample[sample_id] = logprobs[start:end][targets[start:end]].tolist()
-        record["logprobs"] = per_sample
+        record["logprobs"] = _split_by_sample(out.logprobs, batch)
         return out.loss
+
+
+def _split_by_sample(logprobs: torch.Tensor, batch: TrainMicroBatch) -> dict[int, list[float]]:
+    """Per packed sample (by its index in the packed list): the log-probs of its target tokens."""
+    logprobs = logprobs.cpu()
+    targets = (batch.loss_type != IGNORE).cpu()
+    bounds = batch.inputs.packed_seq_params.cu_seqlens_q.tolist()
+    return {
+        sample_id: logprobs[start:end][targets[start:end]].tolist()
+        for sample_id, start, end in zip(batch.sample_ids, bounds[:-1], bounds[1:])
+    }
+
+
+def _gather_logprobs(
+    records: list[dict[str, Any]], global_index: list[int], num_samples: int
+) -> list[list[float]]:
+    """Every sample's target log-probs on every rank, from the schedule's records.
+
+    ``global_index[k]`` is the position in the global batch of this rank's k-th packed sample.
+    Collective: the last pipeline stage shares its records, data-parallel ranks exchange theirs.
+    """
+    local: dict[int, list[float]] = {}
+    for record in records if global_index else []:  # an empty share ran one padding pack
+        for position, values in record["logprobs"].items():
+            local[global_index[position]] = values
+    local = share_from_last_stage(local)
+    gathered: list[dict[int, list[float]]] = [{} for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return [merged[i] for i in range(num_samples)]
 
 
 class Actor(PolicyRunner):
@@ -288,7 +307,8 @@ class Actor(PolicyRunner):
     ) -> dict[str, float]:
         """Zero gradients, then accumulate the gradient of the global-batch loss.
 
-        ``samples`` is the whole global batch, identical on every rank. Raises
+        ``samples`` is the whole global batch, identical on every rank. Sets every sample's
+        ``train_logprobs`` (on every rank) to the forward's log-probs of its targets. Raises
         NonFiniteLossError on every rank if any micro-batch's loss is not finite.
         """
         spec = AggregationSpec(
@@ -308,6 +328,10 @@ class Actor(PolicyRunner):
         self.optimizer.zero_grad()
         records = self._run_schedule(micro_batches, forward_only=False)
         self._check_finite(records, step)
+        position = {id(sample): i for i, sample in enumerate(samples)}
+        logprobs = _gather_logprobs(records, [position[id(s)] for s in local], len(samples))
+        for sample, values in zip(samples, logprobs):
+            sample.train_logprobs = values
         return self._reduce_metrics(records)
 
     def train_step(

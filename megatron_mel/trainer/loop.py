@@ -118,12 +118,12 @@ def _train_step(
     samples, metrics, timings = from_driver(lambda: _generate_and_reflect(cfg, step, driver, timer))
     timer.seconds.update(timings)
     responses = [s for s in samples if s.term in ("pg", "rft")]  # the rollout responses
-    with timer("logprobs"):
-        recomputed = actor.compute_logprobs(responses)
-    metrics.update(logprob_mismatch(responses, recomputed))
+    engine_logprobs = [s.old_logprobs for s in responses]
     if cfg.algorithm.recompute_old_logprobs:
-        for sample, values in zip(responses, recomputed):
-            sample.old_logprobs = values
+        # One optimizer update per batch: pi_old is the policy at that update, whose log-probs
+        # the training forward computes anyway (rho = 1 there), so no separate forward runs.
+        for sample in responses:
+            sample.old_logprobs = None
     if reference is not None:
         pg = [s for s in samples if s.term == "pg"]
         with timer("reference"):
@@ -131,6 +131,7 @@ def _train_step(
                 sample.ref_logprobs = values
     with timer("train"):
         train = actor.train_step(samples, step=step, num_prompts=cfg.rollout.prompts_per_step)
+    metrics.update(logprob_mismatch(engine_logprobs, [s.train_logprobs or [] for s in responses]))
     metrics.update({f"train/{k}": v for k, v in train.items()})
     metrics.update(timer.metrics())
     metrics["rollout/weight_version"] = float(version)

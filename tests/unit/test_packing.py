@@ -72,3 +72,13 @@ def test_reference_logprobs_travel_with_the_pack():
     assert mb.ref_logprobs is not None
     assert mb.ref_logprobs[mb.loss_type != IGNORE].tolist() == [-1.0, -2.0]
     assert torch.equal(mb.to(torch.device("cpu")).ref_logprobs, mb.ref_logprobs)
+
+
+def test_on_policy_samples_pack_without_old_logprobs_and_cannot_mix():
+    on = TrainSample(tokens=[1, 2, 3], num_context=1, term="pg", advantage=1.0)
+    me = TrainSample(tokens=[4, 5], num_context=1, term="me")
+    off = TrainSample(tokens=[1, 2, 3], num_context=1, term="pg", old_logprobs=[-1.0, -2.0])
+    assert pack_samples([on, me], [0, 1]).old_logprobs is None
+    assert pack_samples([off, me], [0, 1]).old_logprobs is not None
+    with pytest.raises(ValueError, match="mixes on-policy PG samples"):
+        pack_samples([on, off], [0, 1])
