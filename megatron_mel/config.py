@@ -318,6 +318,11 @@ class OptimConfig:
     """Global gradient-norm clip; 0 disables."""
     micro_batch_tokens: int = 8192
     """Token budget of one packed (THD) micro-batch on one data-parallel rank."""
+    share_prefixes: bool = True
+    """Pack the samples of one prompt as the prompt once plus one continuation per response
+    (each sees exactly its own context), so a group of G pays for its prompt once in the
+    trainer's forward and backward. Needs the local attention (model.attention_backend local,
+    the CPU default); ignored with Transformer Engine's."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "must be positive")

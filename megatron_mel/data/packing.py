@@ -9,6 +9,14 @@ shifts labels inside each sequence: the hidden state at position i predicts toke
 same sequence, so for a sample with context length p and n tokens, positions p-1 .. n-2 carry
 the loss of targets p .. n-1, and the last position of every sequence carries none. Nothing ever
 predicts across a sequence boundary.
+
+Shared contexts (``share_prefixes``). The G responses of a prompt have the same context; packed
+one by one, the prompt's tokens run through the model G times. With sharing, such a unit is
+packed as the context minus its last token once, then per sample a continuation segment of
+[last context token, targets...] that attends to the shared part first (models/attention.py,
+PackedSegments) at RoPE positions continuing it. Each target sees exactly the context it would
+see alone, and a group of G costs p - 1 + sum(n_i - p + 1) tokens instead of sum(n_i). Units
+are never split across micro-batches or data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_mel.algorithms.token_loss import IGNORE, NLL, PG
+from megatron_mel.models.attention import PackedSegments
 from megatron_mel.models.forward import MicroBatch
 
 
@@ -86,7 +94,9 @@ class TrainMicroBatch:
     """None when the pack's PG samples are on-policy (TrainSample.old_logprobs)."""
     ref_logprobs: torch.Tensor | None = None
     sample_ids: list[int] = field(default_factory=list)
-    """Index into the packed sample list of each sequence, in pack order."""
+    """Index into the packed sample list of each packed sample, in pack order."""
+    sample_spans: list[tuple[int, int]] = field(default_factory=list)
+    """Token range [start, end) of the segment holding each packed sample's targets."""
     index: int = 0
     """Position of this micro-batch in its step (for error messages)."""
 
@@ -104,6 +114,7 @@ class TrainMicroBatch:
             None if self.old_logprobs is None else self.old_logprobs.to(device),
             None if self.ref_logprobs is None else self.ref_logprobs.to(device),
             list(self.sample_ids),
+            list(self.sample_spans),
             self.index,
         )
 
@@ -130,14 +141,64 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
     return packs
 
 
+def prefix_units(samples: Sequence[TrainSample], share: bool) -> list[list[int]]:
+    """Indices of ``samples`` grouped into packing units, in order of first appearance.
+
+    With ``share``, samples with the same context (of at least 2 tokens) form one unit: the
+    context is packed once and each sample's targets continue it (module docstring). Otherwise,
+    and for a context no other sample has, every sample is its own unit.
+    """
+    if not share:
+        return [[i] for i in range(len(samples))]
+    units: dict[tuple[int, ...] | int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        key = tuple(sample.tokens[: sample.num_context]) if sample.num_context >= 2 else -1 - i
+        units.setdefault(key, []).append(i)
+    return list(units.values())
+
+
+def unit_tokens(samples: Sequence[TrainSample], unit: Sequence[int]) -> int:
+    """Packed length of a unit: a shared context of p tokens costs p - 1 once, and each sample
+    the token before its targets plus its targets."""
+    if len(unit) == 1:
+        return len(samples[unit[0]].tokens)
+    context = samples[unit[0]].num_context
+    return context - 1 + sum(samples[i].num_targets + 1 for i in unit)
+
+
+def _segments(samples: Sequence[TrainSample], units: Sequence[Sequence[int]]) -> list[tuple]:
+    """(tokens, num_context, sample index or None, first position, prefix segment or -1)."""
+    segments: list[tuple] = []
+    for unit in units:
+        first = samples[unit[0]]
+        if len(unit) == 1:
+            segments.append((first.tokens, first.num_context, unit[0], 0, -1))
+            continue
+        p = first.num_context
+        prefix = len(segments)
+        segments.append((first.tokens[: p - 1], p - 1, None, 0, -1))
+        for i in unit:
+            # The last context token starts the continuation: its hidden state predicts the
+            # first target, so labels never cross a segment boundary.
+            segments.append((samples[i].tokens[p - 1 :], 1, i, p - 1, prefix))
+    return segments
+
+
 def pack_samples(
-    samples: Sequence[TrainSample], indices: Sequence[int], *, pad_to_multiple: int = 1
+    samples: Sequence[TrainSample],
+    indices: Sequence[int],
+    *,
+    pad_to_multiple: int = 1,
+    share_prefixes: bool = False,
 ) -> TrainMicroBatch:
     """Pack ``samples[indices]`` into one THD micro-batch (see the module docstring).
 
-    ``pad_to_multiple`` appends an ignored padding sequence so the pack length divides it
-    (sequence parallelism needs the token count divisible by TP).
+    ``share_prefixes`` packs samples of one context as the context once plus one continuation
+    each (:func:`prefix_units`). ``pad_to_multiple`` appends an ignored padding sequence so the
+    pack length divides it (sequence parallelism needs the token count divisible by TP).
     """
+    chosen = [samples[i] for i in indices]
+    units = [[indices[k] for k in unit] for unit in prefix_units(chosen, share_prefixes)]
     ids: list[int] = []
     positions: list[int] = []
     labels: list[int] = []
@@ -154,13 +215,28 @@ def pack_samples(
         )
     with_old = pg_old == {False}
     bounds = [0]
-    for index in indices:
+    prefix_of: list[int] = []
+    sample_ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for tokens, p, index, first_position, prefix in _segments(samples, units):
+        n = len(tokens)
+        ids.extend(tokens)
+        positions.extend(range(first_position, first_position + n))
+        labels.extend([*tokens[1:], 0])
+        prefix_of.append(prefix)
+        if index is None:  # a shared context: no targets of its own
+            for field_values, fill in ((loss_type, IGNORE), (weight, 0.0), (adv, 0.0)):
+                field_values.extend([fill] * n)
+            if with_old:
+                old.extend([0.0] * n)
+            if with_ref:
+                ref.extend([0.0] * n)
+            bounds.append(bounds[-1] + n)
+            continue
         sample = samples[index]
-        n, p = len(sample.tokens), sample.num_context
-        ids.extend(sample.tokens)
-        positions.extend(range(n))
+        sample_ids.append(index)
+        spans.append((bounds[-1], bounds[-1] + n))
         # Position i predicts token i + 1; targets are tokens p .. n-1.
-        labels.extend([*sample.tokens[1:], 0])
         kind = [IGNORE] * (p - 1) + [sample.loss_type] * (n - p) + [IGNORE]
         loss_type.extend(kind)
         weight.extend([0.0] * (p - 1) + [sample.token_weight] * (n - p) + [0.0])
@@ -187,19 +263,21 @@ def pack_samples(
         if with_ref:
             ref.extend([0.0] * pad)
         bounds.append(bounds[-1] + pad)
+        prefix_of.append(-1)
     cu = torch.tensor(bounds, dtype=torch.int32)
     longest = int((cu[1:] - cu[:-1]).max()) if len(bounds) > 1 else 0
-    params = PackedSeqParams(
+    position_ids = torch.tensor(positions, dtype=torch.long)
+    params = PackedSegments(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
+        positions=position_ids,
+        prefix_of=tuple(prefix_of) if any(p >= 0 for p in prefix_of) else None,
     )
     inputs = MicroBatch(
-        torch.tensor(ids, dtype=torch.long).unsqueeze(0),
-        torch.tensor(positions, dtype=torch.long).unsqueeze(0),
-        params,
+        torch.tensor(ids, dtype=torch.long).unsqueeze(0), position_ids.unsqueeze(0), params
     )
     return TrainMicroBatch(
         inputs=inputs,
@@ -209,30 +287,45 @@ def pack_samples(
         advantages=torch.tensor(adv, dtype=torch.float32),
         old_logprobs=torch.tensor(old, dtype=torch.float32) if with_old else None,
         ref_logprobs=torch.tensor(ref, dtype=torch.float32) if with_ref else None,
-        sample_ids=list(indices),
+        sample_ids=sample_ids,
+        sample_spans=spans,
     )
 
 
 def pack_micro_batches(
-    samples: Sequence[TrainSample], max_tokens: int, *, pad_to_multiple: int = 1
+    samples: Sequence[TrainSample],
+    max_tokens: int,
+    *,
+    pad_to_multiple: int = 1,
+    share_prefixes: bool = False,
 ) -> list[TrainMicroBatch]:
-    """All of ``samples`` as THD micro-batches of at most ``max_tokens`` tokens each."""
-    plan = plan_micro_batches([len(s.tokens) for s in samples], max_tokens)
-    return [pack_samples(samples, group, pad_to_multiple=pad_to_multiple) for group in plan]
+    """All of ``samples`` as THD micro-batches of at most ``max_tokens`` tokens each; a unit of
+    samples sharing a context (:func:`prefix_units`) is never split across micro-batches."""
+    units = prefix_units(samples, share_prefixes)
+    plan = plan_micro_batches([unit_tokens(samples, u) for u in units], max_tokens)
+    return [
+        pack_samples(samples, [i for u in group for i in units[u]],
+                     pad_to_multiple=pad_to_multiple, share_prefixes=share_prefixes)
+        for group in plan
+    ]  # fmt: skip
 
 
 def shard_for_data_parallel(
-    samples: Sequence[TrainSample], dp_rank: int, dp_size: int
+    samples: Sequence[TrainSample], dp_rank: int, dp_size: int, *, share_prefixes: bool = False
 ) -> list[TrainSample]:
-    """This rank's share: samples dealt longest-first to the rank with the fewest tokens.
+    """This rank's share: packing units (:func:`prefix_units`) dealt longest-first to the rank
+    with the fewest tokens, returned in their original order.
 
     Deterministic, so every rank computes the same assignment without communication.
     """
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].tokens), i))
+    units = prefix_units(samples, share_prefixes)
+    sizes = [unit_tokens(samples, unit) for unit in units]
+    order = sorted(range(len(units)), key=lambda u: (-sizes[u], u))
     loads = [0] * dp_size
     owner = [0] * len(samples)
-    for index in order:
+    for u in order:
         rank = min(range(dp_size), key=lambda r: (loads[r], r))
-        owner[index] = rank
-        loads[rank] += len(samples[index].tokens)
+        for index in units[u]:
+            owner[index] = rank
+        loads[rank] += sizes[u]
     return [s for i, s in enumerate(samples) if owner[i] == dp_rank]

@@ -56,6 +56,9 @@ class ActorSettings:
     optim: OptimConfig
     num_steps: int
     dtype: torch.dtype
+    share_prefixes: bool = False
+    """Pack samples of one context as the context once plus continuations (data/packing.py);
+    needs the local attention, which knows shared prefixes."""
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], settings: ActorSettings) -> list[DDP]:
@@ -129,10 +132,13 @@ class PolicyRunner:
         parallel: ParallelConfig,
         micro_batch_tokens: int,
         loss_fn: LossFunction | None = None,
+        *,
+        share_prefixes: bool = False,
     ) -> None:
         self.chunks = chunks
         self.loss_fn = loss_fn
         self.micro_batch_tokens = micro_batch_tokens
+        self.share_prefixes = share_prefixes
         self.device = next(chunks[0].parameters()).device
         self.sequence_parallel = parallel.sequence_parallel
         self.pad_multiple = parallel.tp if self.sequence_parallel else 1
@@ -155,7 +161,9 @@ class PolicyRunner:
             TrainSample(tokens=s.tokens, num_context=s.num_context, term="me", prompt_id=str(i))
             for i, s in enumerate(samples)
         ]
-        mine = shard_for_data_parallel(indexed, dp_rank, dp_size)
+        mine = shard_for_data_parallel(
+            indexed, dp_rank, dp_size, share_prefixes=self.share_prefixes
+        )
         records = self._run_schedule(self._pack(mine), forward_only=True)
         return _gather_logprobs(records, [int(s.prompt_id) for s in mine], len(samples))
 
@@ -170,7 +178,8 @@ class PolicyRunner:
             batches = [_padding_micro_batch(max(1, self.pad_multiple))]
         else:
             budget = max_tokens or self.micro_batch_tokens
-            batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple)
+            batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple,
+                                         share_prefixes=self.share_prefixes)  # fmt: skip
         for index, batch in enumerate(batches):
             batch.index = index
         return batches
@@ -246,10 +255,9 @@ def _split_by_sample(logprobs: torch.Tensor, batch: TrainMicroBatch) -> dict[int
     """Per packed sample (by its index in the packed list): the log-probs of its target tokens."""
     logprobs = logprobs.cpu()
     targets = (batch.loss_type != IGNORE).cpu()
-    bounds = batch.inputs.packed_seq_params.cu_seqlens_q.tolist()
     return {
         sample_id: logprobs[start:end][targets[start:end]].tolist()
-        for sample_id, start, end in zip(batch.sample_ids, bounds[:-1], bounds[1:])
+        for sample_id, (start, end) in zip(batch.sample_ids, batch.sample_spans)
     }
 
 
@@ -284,7 +292,8 @@ class Actor(PolicyRunner):
         aggregation: AggregationSpec,
         settings: ActorSettings,
     ) -> None:
-        super().__init__(wrapped, settings.parallel, settings.optim.micro_batch_tokens, loss_fn)
+        super().__init__(wrapped, settings.parallel, settings.optim.micro_batch_tokens, loss_fn,
+                         share_prefixes=settings.share_prefixes)  # fmt: skip
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.aggregation = aggregation
@@ -319,8 +328,9 @@ class Actor(PolicyRunner):
             num_prompts=num_prompts,
         )
         local = shard_for_data_parallel(
-            samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        )
+            samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+            share_prefixes=self.share_prefixes,
+        )  # fmt: skip
         assign_token_weights(local, spec, ps.get_data_parallel_group())
         micro_batches = self._pack(local, micro_batch_tokens)
         for chunk in self.chunks:

@@ -82,3 +82,33 @@ def test_on_policy_samples_pack_without_old_logprobs_and_cannot_mix():
     assert pack_samples([off, me], [0, 1]).old_logprobs is not None
     with pytest.raises(ValueError, match="mixes on-policy PG samples"):
         pack_samples([on, off], [0, 1])
+
+
+def test_shared_prefix_packs_the_context_once_and_continues_it():
+    context = [7, 8, 9]
+    a = TrainSample(tokens=[*context, 1, 2], num_context=3, term="pg", advantage=1.0)
+    b = TrainSample(tokens=[*context, 3], num_context=3, term="pg", advantage=-1.0)
+    c = TrainSample(tokens=[5, 6], num_context=1, term="me")
+    mb = pack_samples([a, b, c], [0, 1, 2], share_prefixes=True)
+    params = mb.inputs.packed_seq_params
+    # [7, 8] once, then [9, 1, 2] and [9, 3] continuing it at positions 2.., then c alone.
+    assert mb.inputs.input_ids.tolist() == [[7, 8, 9, 1, 2, 9, 3, 5, 6]]
+    assert params.cu_seqlens_q.tolist() == [0, 2, 5, 7, 9]
+    assert params.prefix_of == (-1, 0, 0, -1)
+    assert params.positions.tolist() == [0, 1, 2, 3, 4, 2, 3, 0, 1]
+    active = mb.loss_type != IGNORE
+    assert mb.labels[active].tolist() == [1, 2, 3, 6]
+    assert mb.advantages[active].tolist() == [1.0, 1.0, -1.0, 0.0]
+    assert mb.sample_ids == [0, 1, 2] and mb.sample_spans == [(2, 5), (5, 7), (7, 9)]
+
+
+def test_shared_units_are_never_split():
+    context = list(range(10, 20))
+    group = [TrainSample(tokens=context + [i] * 5, num_context=10, term="pg") for i in range(4)]
+    # Unshared, 4 x 15 tokens need 2 packs of 32; shared, 9 + 4 x 6 = 33 tokens form one unit
+    # that is packed whole even over the budget.
+    assert [b.num_tokens for b in pack_micro_batches(group, 32)] == [30, 30]
+    shared = pack_micro_batches(group, 32, share_prefixes=True)
+    assert [b.num_tokens for b in shared] == [33]
+    local = [shard_for_data_parallel(group, r, 2, share_prefixes=True) for r in (0, 1)]
+    assert [len(x) for x in local] == [4, 0]
