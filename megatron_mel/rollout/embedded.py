@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from megatron_mel import platform
 from megatron_mel.convert.mapping import expected_hf_names
 from megatron_mel.models.arch import ModelArch, load_arch
 from megatron_mel.rollout.decoder import Decoder, KVCache, Prompt, attention_groups
@@ -224,7 +225,8 @@ class EmbeddedEngine(RolloutEngine):
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
             prompt = list(req.prompt_token_ids)
             samples += [_Sample(r, i, prompt, params, seed) for i in range(params.n)]
-        with self._lock, torch.inference_mode():
+        # The trainer's CPU device mode (platform.py) would tax every op of the decode loop.
+        with self._lock, torch.inference_mode(), platform.cpu_shims_suspended():
             for batch in self._plan(samples):
                 self._run_batch(batch)
         results = [GenerationResult(r.request_id, list(r.prompt_token_ids), []) for r in requests]
