@@ -39,15 +39,21 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0"],
-        # Cluster only: none of these installs or imports on a CPU machine.
-        "gpu": [
-            "sglang[srt]>=0.5",
-            "vllm>=0.11",
-            "transformer-engine[pytorch]>=2.0",
-            # NVIDIA apex is not on PyPI (the PyPI "apex" is another project); NGC containers
-            # ship it, elsewhere build it from source with its CUDA extensions.
-            "apex @ git+https://github.com/NVIDIA/apex.git",
-        ],
+        # Cluster only: none of these installs or imports on a CPU machine. SGLang and vLLM
+        # each pin an exact torch, so they are separate extras (install the one you roll out
+        # with); both ranges below pin torch 2.13.0, the version the CPU path uses.
+        # SGLang >= 0.5.6: /update_weights_from_distributed with load_format="flattened_bucket"
+        # (sgl-project/sglang#13824); older servers receive per tensor and the NCCL broadcast
+        # of a bucket hangs. 0.5.18-0.5.21 are the releases built on torch 2.13.0.
+        "sglang": ["sglang>=0.5.6,<=0.5.21"],
+        # vLLM 0.28-0.32 are the releases built on torch 2.13.0.
+        "vllm": ["vllm>=0.28,<=0.32"],
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        # NVIDIA apex is not on PyPI (the PyPI "apex" is another project); NGC containers
+        # ship it, elsewhere build it from source with its CUDA extensions.
+        "apex": ["apex @ git+https://github.com/NVIDIA/apex.git"],
+        # The default cluster stack: Megatron with Transformer Engine, SGLang rollout.
+        "gpu": ["sglang>=0.5.6,<=0.5.21", "transformer-engine[pytorch]>=2.0"],
     },
     entry_points={"console_scripts": ["megatron-mel=megatron_mel.cli:main"]},
     classifiers=[

@@ -4,6 +4,9 @@ megatron-mel assets   [--cache-dir D]                  offline model + data (no 
 megatron-mel convert  hf-to-mcore|mcore-to-hf ...      checkpoint conversion (tools/ alias)
 megatron-mel parity   --hf-dir H [--tp T --pp P]       Megatron vs transformers logits
 megatron-mel config   RECIPE.yaml [--set k=v ...]      validate and print a resolved config
+megatron-mel train    RECIPE.yaml [--set k=v ...]      train (spawns ranks, or runs under torchrun)
+megatron-mel eval     RECIPE.yaml [--hf-dir H]          evaluate a model on the recipe's benchmarks
+megatron-mel serve    RECIPE.yaml [--node N]            a rollout-only node's SGLang servers
 """
 
 from __future__ import annotations
@@ -124,6 +127,44 @@ def _convert(argv: list[str]) -> int:
     return main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    """Start the SGLang servers the placement puts on this rollout-only node and keep them up
+    until SIGTERM/SIGINT (disaggregated jobs: slurm/launch.sh runs it on the rollout nodes)."""
+    import os
+    import signal
+    import threading
+
+    from megatron_mel.config import load_config
+    from megatron_mel.rollout import placement
+    from megatron_mel.rollout.servers import NodeServers
+
+    parser = argparse.ArgumentParser(prog="megatron-mel serve")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--node", type=int, default=None, help="node index (default SLURM_NODEID)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.recipe, args.overrides)
+    node = args.node if args.node is not None else int(os.environ.get("SLURM_NODEID", "-1"))
+    layout = placement.serve_layout(cfg)
+    if not layout.topology.train_nodes <= node < layout.topology.num_nodes:
+        raise ConfigError(
+            f"--node {node}: rollout-only nodes are {list(layout.rollout_only_nodes)} "
+            "(training nodes start their own servers)"
+        )
+    servers = NodeServers(layout.engines_on(node), cfg.rollout, model_path=cfg.model.hf_dir,
+                          seed=cfg.launch.seed, log_dir=f"{cfg.launch.run_dir}/engine_logs")  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        for url in servers.start():
+            print(f"serving {url}", flush=True)
+        stop.wait()
+    finally:
+        servers.close()
+    return 0
+
+
 COMMANDS = {
     "assets": _assets,
     "convert": _convert,
@@ -131,6 +172,7 @@ COMMANDS = {
     "config": _config,
     "train": _train,
     "eval": _eval,
+    "serve": _serve,
 }
 
 

@@ -148,20 +148,45 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class SGLangConfig:
-    num_engines: int = 1
-    """Rollout engine replicas (each spans engine_tp GPUs)."""
+    num_engines: int | None = None
+    """Rollout engine replicas (each spans engine_tp GPUs of one node); None fills every slot the
+    placement has (rollout/placement.py)."""
     engine_tp: int = 1
-    """Tensor-parallel size inside one SGLang engine."""
+    """Tensor-parallel size inside one engine; must divide the GPUs of a node."""
     mem_fraction_static: float = 0.5
     """GPU memory share SGLang may claim for weights + KV cache (colocated: leave room)."""
-    host: str = "127.0.0.1"
-    """Address engines bind to; loopback unless the cluster launcher says otherwise."""
+    host: str = "auto"
+    """Address servers bind to: "auto" = loopback on a one-node job, else each node's address
+    (MEL_NODE_HOSTS, set by slurm/launch.sh); anything else binds every server there."""
     base_port: int = 30000
-    """First HTTP port; engine i listens on base_port + i."""
+    """Engine i listens on base_port + 10 i (HTTP) and base_port + 10 i + 1 (its NCCL group)."""
     urls: list[str] = field(default_factory=list)
     """Connect to already-running servers instead of launching them."""
     request_timeout_s: float = 600.0
     """A generation request that takes longer fails the phase (it can be retried)."""
+    launch_timeout_s: float = 900.0
+    """A launched server that is not healthy after this long stops the run (its log is shown)."""
+    server_module: str = "sglang.launch_server"
+    """Module run as ``python -m <module>`` for each server (tests use a fake speaking the same
+    HTTP routes)."""
+    extra_server_args: list[str] = field(default_factory=list)
+    """More command-line flags for every launched server."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_engines is None or self.num_engines >= 1,
+            "rollout.sglang.num_engines",
+            "must be >= 1 or null (fill the placement)",
+        )
+        _require(self.engine_tp >= 1, "rollout.sglang.engine_tp", "must be >= 1")
+        _require(
+            0 < self.mem_fraction_static < 1,
+            "rollout.sglang.mem_fraction_static",
+            "must be in (0, 1)",
+        )
+        _require(1024 <= self.base_port <= 65000, "rollout.sglang.base_port", "must be a port")
+        _require(self.request_timeout_s > 0, "rollout.sglang.request_timeout_s", "must be > 0")
+        _require(self.launch_timeout_s > 0, "rollout.sglang.launch_timeout_s", "must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -170,7 +195,11 @@ class RolloutConfig:
     """Generation backend: in-process (CPU/GPU), SGLang, or vLLM."""
     placement: Literal["colocate", "disaggregate"] = "colocate"
     """colocate: engines share the training GPUs (memory released/resumed around training);
-    disaggregate: engines on their own GPUs, weights sent over NCCL."""
+    disaggregate: engines on their own GPUs (dedicated rollout nodes, or a node's GPUs beyond
+    its training ranks), weights sent over NCCL. See rollout/placement.py."""
+    release_memory: bool = True
+    """Colocated engines free their weights and KV cache during training and get them back
+    before the next rollout (resume weights, sync, resume KV). Off keeps them resident."""
     prompts_per_step: int = 128
     """Prompts per training step (paper: 128)."""
     samples_per_prompt: int = 8
@@ -387,11 +416,23 @@ class LaunchConfig:
     """Where checkpoints, meta-experience store, MLflow store and logs go."""
     seed: int = 42
     """Seed of data order and sampling."""
-    nodes: int = 1
-    gpus_per_node: int = 8
-    """Used by the Slurm launcher to size torchrun; ignored on CPU."""
+    nodes: int | None = None
+    """Training nodes. None = what the launcher started (torchrun / srun); a value is what
+    `megatron-mel plan` sizes and what a run checks its launcher against."""
+    gpus_per_node: int | None = None
+    """GPUs of a node. None = what CUDA sees (on CPU: the ranks per node)."""
     rollout_nodes: int = 0
-    """Nodes reserved for rollout engines when rollout.placement = disaggregate."""
+    """Nodes after the training nodes that only run rollout engines (rollout.placement =
+    disaggregate); their servers are started by `megatron-mel serve` (slurm/launch.sh)."""
+
+    def __post_init__(self) -> None:
+        _require(self.nodes is None or self.nodes >= 1, "launch.nodes", "must be >= 1 or null")
+        _require(
+            self.gpus_per_node is None or self.gpus_per_node >= 1,
+            "launch.gpus_per_node",
+            "must be >= 1 or null",
+        )
+        _require(self.rollout_nodes >= 0, "launch.rollout_nodes", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -21,6 +21,13 @@ On a machine without CUDA, megatron-core needs a few shims, and they live here a
   ``Tensor.type()`` report the ``torch.cuda.*Tensor`` names the optimizer and grad-clip asserts.
 
 Sequence parallelism is refused on CPU: its LayerNorm needs Transformer Engine or Apex.
+
+Collectives take tensors on their backend's device: NCCL refuses CPU tensors and gloo CUDA ones,
+and a CPU test cannot tell the two apart. :func:`collective_device` is the one rule that says
+which device; every tensor megatron_mel hands to a collective is made by
+:func:`collective_tensor` / :func:`collective_empty`, or checked by :func:`on_collective_device`
+when the model produced it, and nothing else decides (tests/parallel/workers/collective_audit.py
+records every collective of a TP2 x PP2 x DP2 step and fails on a tensor the rule did not see).
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ import datetime
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from megatron_mel.config import ConfigError, ParallelConfig
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +187,108 @@ def destroy_distributed() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Work that runs on the driver (global rank 0)
+# ---------------------------------------------------------------------------------------------
+
+
+def from_driver(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on global rank 0 and hand its (picklable) result to every rank.
+
+    An exception on the driver is re-raised on every rank with the driver's message, so the
+    job fails together instead of leaving the other ranks waiting in a collective.
+    """
+    holder: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            holder[0] = ("ok", fn())
+        except Exception as exc:  # shipped to every rank, re-raised below
+            holder[0] = ("error", exc)
+    dist.broadcast_object_list(holder, src=0)
+    status, value = holder[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def on_driver(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on global rank 0 only (its result stays there: None elsewhere), then let every
+    rank know whether it failed, so a bad config on the driver stops all ranks at once."""
+    result: T | None = None
+    status: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            status[0] = exc
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise status[0]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Where collective tensors live
+# ---------------------------------------------------------------------------------------------
+
+_RULE_MARK = "_mel_collective_device"
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device of tensors handed to a collective on ``group`` (None: the default group).
+
+    CUDA (this rank's device) for NCCL and for mixed ``cpu:gloo,cuda:nccl`` groups, CPU for gloo.
+    """
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _mark(tensor: torch.Tensor) -> torch.Tensor:
+    setattr(tensor, _RULE_MARK, True)
+    return tensor
+
+
+def collective_tensor(
+    data: Any, *, dtype: torch.dtype, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """A new tensor holding ``data`` (numbers or a tensor), on ``group``'s collective device."""
+    if isinstance(data, torch.Tensor):
+        return _mark(data.to(device=collective_device(group), dtype=dtype, copy=True))
+    return _mark(torch.tensor(data, dtype=dtype, device=collective_device(group)))
+
+
+def collective_empty(
+    *shape: int, dtype: torch.dtype, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """An uninitialised receive buffer on ``group``'s collective device."""
+    return _mark(torch.empty(*shape, dtype=dtype, device=collective_device(group)))
+
+
+def on_collective_device(
+    tensor: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """``tensor`` itself (in-place collectives need the very object), checked to live where
+    ``group``'s backend needs it. For tensors the model produced (activations, gradients, weight
+    buckets), whose device the model's placement chose."""
+    want = collective_device(group)
+    if tensor.device.type != want.type or (
+        want.index is not None and tensor.device.index not in (None, want.index)
+    ):
+        raise RuntimeError(
+            f"a {dist.get_backend(group)} collective needs tensors on {want}, got one on "
+            f"{tensor.device} (shape {tuple(tensor.shape)}); build it with "
+            "platform.collective_tensor / collective_empty"
+        )
+    return _mark(tensor)
+
+
+def is_rule_tensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` was made or checked by the collective-device rule (for audits)."""
+    return bool(getattr(tensor, _RULE_MARK, False))
 
 
 # ---------------------------------------------------------------------------------------------

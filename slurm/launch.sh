@@ -16,6 +16,10 @@ if [[ -n "${MEL_VENV:-}" ]]; then source "$MEL_VENV/bin/activate"; fi
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | head -n 1)
+# Every node's address in node order: the placement binds each node's engine servers there and
+# the driver reaches them there (megatron_mel/rollout/placement.py).
+MEL_NODE_HOSTS=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname)}" | paste -sd, -)
+export MEL_NODE_HOSTS
 MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 RUN_DIR=${MEL_RUN_DIR:-runs/$(basename "$RECIPE" .yaml)-${SLURM_JOB_ID:-local}}
 # Minutes left in the allocation: the trainer checkpoints before the walltime runs out.

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_mel import platform
 from megatron_mel.data.packing import TrainSample
 
 PG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -47,13 +48,16 @@ def count_terms(
 ) -> TermCounts:
     """Count target tokens and sequences per term; collective over ``dp_group`` when given."""
     terms = sorted(TrainSample.TERMS)
-    local = torch.zeros(2, len(terms), dtype=torch.float64)
+    counts = [[0.0] * len(terms), [0.0] * len(terms)]
     for sample in samples:
         column = terms.index(sample.term)
-        local[0, column] += sample.num_targets
-        local[1, column] += 1
+        counts[0][column] += sample.num_targets
+        counts[1][column] += 1
+    local = torch.tensor(counts, dtype=torch.float64)
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(local, group=dp_group)
+        reduced = platform.collective_tensor(local, dtype=torch.float64, group=dp_group)
+        dist.all_reduce(reduced, group=dp_group)
+        local = reduced.cpu()
     return TermCounts(
         tokens={t: int(local[0, i]) for i, t in enumerate(terms)},
         sequences={t: int(local[1, i]) for i, t in enumerate(terms)},

@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt.gpt_model import GPTModel
 
+from megatron_mel import platform
 from megatron_mel.config import ConfigError
 from megatron_mel.convert import hf_io
 from megatron_mel.convert.mapping import MappingError, ParamMapping, map_param
@@ -97,8 +98,12 @@ def iter_hf_tensors(
                 continue
             local = params[mapping.name].detach()
             if tp_size > 1 and mapping.rule.layout.kind != "replicated":
-                shards = [torch.empty_like(local) for _ in range(tp_size)]
-                dist.all_gather(shards, local.contiguous(), group=tp_group)
+                local = platform.on_collective_device(local.contiguous(), tp_group)
+                shards = [
+                    platform.on_collective_device(torch.empty_like(local), tp_group)
+                    for _ in range(tp_size)
+                ]
+                dist.all_gather(shards, local, group=tp_group)
             else:
                 shards = [local]
             yield from zip(mapping.hf_names, mapping.rule.layout.merge(shards, arch))

@@ -5,8 +5,10 @@
                                          tp_group=None)
 
 ``loss = sum_t token_weight_t * l_t`` with l_t from algorithms/token_loss.py. The logits
-``hidden @ weight.T`` are computed a chunk of tokens at a time and never exist in fp32 for the
-whole pack; with ``tp_group`` the weight is this rank's vocabulary shard and per-shard max /
+``hidden @ weight.T`` are computed a chunk of tokens at a time and never exist for the whole
+pack. Each chunk's GEMM runs in the model dtype (bf16 on GPU: the logits Megatron's output layer
+and the rollout engines compute too) and its result is upcast to fp32; the softmax statistics,
+log-probs, loss and gradient accumulation are fp32 from there on; with ``tp_group`` the weight is this rank's vocabulary shard and per-shard max /
 sum-exp statistics are combined across the group (one MAX and one SUM all-reduce per chunk), the
 label's logit coming from the rank that owns it.
 
@@ -23,12 +25,14 @@ Shapes: T tokens, H hidden, V vocabulary of this shard, Tc tokens of a chunk.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_mel import platform
 from megatron_mel.algorithms.token_loss import IGNORE, NLL, PG, TokenLossParams, weighted_token_loss
 from megatron_mel.ops.logit_kernels import LogitKernels, TorchLogitKernels
 
@@ -147,11 +151,35 @@ def resolve_kernels(kernels: LogitKernels | str, device: torch.device) -> LogitK
         return kernels
     if kernels == "torch" or (kernels == "auto" and device.type != "cuda"):
         return TorchLogitKernels()
-    if kernels in ("triton", "auto"):
+    if kernels == "triton":
         from megatron_mel.ops.triton_kernels import TritonLogitKernels
 
         return TritonLogitKernels()
+    if kernels == "auto":
+        return _triton_or_torch()
     raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")
+
+
+def _triton_or_torch() -> LogitKernels:
+    """Triton kernels on CUDA when Triton imports; the torch kernels (same contract) otherwise,
+    said once, so an old or broken Triton slows the loss down instead of stopping training."""
+    global _TRITON_FALLBACK_WARNED
+    try:
+        from megatron_mel.ops.triton_kernels import TritonLogitKernels
+
+        return TritonLogitKernels()
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        if not _TRITON_FALLBACK_WARNED:
+            warnings.warn(
+                f"kernels='auto': Triton kernels unavailable ({type(exc).__name__}: {exc}); "
+                "using the torch kernels",
+                stacklevel=3,
+            )
+            _TRITON_FALLBACK_WARNED = True
+        return TorchLogitKernels()
+
+
+_TRITON_FALLBACK_WARNED = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +238,8 @@ class _FusedCombinedLoss(torch.autograd.Function):
         for chunk in range(num_chunks):
             idx = active[chunk * rows : (chunk + 1) * rows]
             h = hidden.index_select(0, idx)
-            z = torch.matmul(h, weight.t()).float()  # [Tc, V] fp32 logits of this shard
+            # [Tc, V]: the model-dtype GEMM, upcast (see the module docstring).
+            z = torch.matmul(h, weight.t()).float()
             lab = labels.index_select(0, idx)
             m, s, zs, label_logit = opts.kernels.row_stats(z, lab, vocab_start)
             m, s, zs, label_logit = _combine_shards(m, s, zs, label_logit, opts.tp_group)
@@ -261,7 +290,9 @@ class _FusedCombinedLoss(torch.autograd.Function):
             del z
         if need_dh and opts.tp_group is not None:
             # Each shard saw only its slice of the vocabulary; the hidden state fed all of them.
-            dist.all_reduce(d_hidden, group=opts.tp_group)
+            dist.all_reduce(
+                platform.on_collective_device(d_hidden, opts.tp_group), group=opts.tp_group
+            )
         ctx.save_for_backward(*(t for t in (d_hidden, d_weight) if t is not None))
         ctx.layout = (need_dh, need_dw, hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(logprobs, entropy, clipped, per_token)
@@ -282,10 +313,12 @@ def _combine_shards(
     """Merge per-shard softmax statistics into full-vocabulary ones (online log-sum-exp)."""
     if group is None:
         return m, s, zs, label_logit
-    m_all = m.clone()
+    m_all = platform.on_collective_device(m.clone(), group)
     dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
     scale = torch.exp(m - m_all)
-    stacked = torch.stack([s * scale, zs * scale, label_logit])
+    stacked = platform.on_collective_device(
+        torch.stack([s * scale, zs * scale, label_logit]), group
+    )
     dist.all_reduce(stacked, group=group)
     return m_all, stacked[0], stacked[1], stacked[2]
 

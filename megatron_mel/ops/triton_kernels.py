@@ -1,7 +1,8 @@
 """Triton kernels for the two per-chunk logit primitives of the fused loss (GPU path).
 
 Same contract as :class:`megatron_mel.ops.logit_kernels.TorchLogitKernels`; the fused loss
-(fused_loss.py) calls them on each chunk of fp32 logits ``z = hidden_chunk @ weight_shard.T``.
+(fused_loss.py) calls them on each chunk of logits ``z = float(hidden_chunk @ weight_shard.T)``
+(the GEMM in the model dtype, upcast to fp32).
 
 * ``row_stats``: one program per row streams the row once in BLOCK_V tiles and keeps an
   *online* softmax state: a scalar running max ``m`` and per-lane partial sums
@@ -29,6 +30,7 @@ kernels run on CPU tensors in the interpreter (the unit tests do this).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import Tensor
@@ -42,9 +44,23 @@ except ImportError as exc:  # the torch kernels remain usable without triton
         "kernels='torch'"
     ) from exc
 
+
+def interpreter_mode(module: object = triton, environ: dict[str, str] | None = None) -> bool:
+    """Whether ``triton.jit`` runs kernels in the CPU interpreter.
+
+    ``triton.knobs`` exists from Triton 3.4; older releases read ``TRITON_INTERPRET`` from the
+    environment directly, and reading ``triton.knobs`` there raises AttributeError.
+    """
+    knobs = getattr(module, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    value = (os.environ if environ is None else environ).get("TRITON_INTERPRET", "0")
+    return value.strip().lower() in ("1", "true", "on", "yes")
+
+
 # jit decides interpreter vs compiler when the kernels below are decorated, so this is the
 # mode they will actually run in, whatever the environment says later.
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
+_INTERPRETED = interpreter_mode()
 
 DEVICE_ERROR = "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 for the interpreter"
 

@@ -105,6 +105,10 @@ class _Layer:
     down_w: Tensor  # [H, F]
 
 
+def vars_of(layer: _Layer) -> list[Tensor | None]:
+    return [getattr(layer, name) for name in layer.__slots__]
+
+
 class KVCache:
     """Static keys/values ``[layers, 2, rows, kv_heads, length, head_dim]`` for one batch.
 
@@ -222,6 +226,30 @@ class Decoder:
         if tuple(tensor.shape) != tuple(target.shape):
             raise ValueError(f"{name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
         target.copy_(tensor)
+
+    def base_tensors(self) -> list[Tensor]:
+        """Every tensor that owns parameter memory (the fused matrices, not their views)."""
+        out = [self.embed, self.final_norm]
+        if self.lm_head is not self.embed:
+            out.append(self.lm_head)
+        for layer in self.layers:
+            out += [t for t in vars_of(layer) if t is not None]
+        return out
+
+    def release_weights(self) -> int:
+        """Free the parameter memory and return its size in bytes. The tensors and their HF-named
+        views stay valid objects over empty storage until :meth:`resume_weights`."""
+        freed = 0
+        for tensor in self.base_tensors():
+            storage = tensor.untyped_storage()
+            freed += storage.nbytes()
+            storage.resize_(0)
+        return freed
+
+    def resume_weights(self) -> None:
+        """Reallocate the parameter memory (uninitialised: the next weight load fills it)."""
+        for tensor in self.base_tensors():
+            tensor.untyped_storage().resize_(tensor.numel() * tensor.element_size())
 
     # -- RoPE --------------------------------------------------------------------------------
 

@@ -32,9 +32,11 @@ Log-probs. Each completion's ``logprobs[i]`` is ``log_softmax(logits)[token_i]``
 logits, i.e. at temperature 1 and before top-k/top-p, whatever the sampling parameters: the
 quantity the trainer recomputes (see :mod:`megatron_mel.rollout.engine`).
 
-Memory. ``release_memory`` drops the KV-cache buffer (the weights stay resident, as this engine
-has no other copy of them); the next ``generate`` reallocates it, so ``resume_memory`` has nothing
-to do.
+Memory. ``release_memory(["weights", "kv_cache"])`` frees the parameter storage and the KV-cache
+buffer for real (the parameter tensors and their HF-named views stay, over empty storage), so a
+colocated CPU run frees what a GPU engine would; ``resume_memory`` reallocates the parameters
+uninitialised, and only a complete weight load followed by ``commit_weights`` makes the engine
+generate again. The cache is reallocated by the next batch.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class EmbeddedEngine(RolloutEngine):
         self.decoder = Decoder(arch, dtype, self.device)
         self._expected = expected_hf_names(arch)
         self._buffer = torch.zeros(0, dtype=dtype, device=self.device)
+        self._written: set[str] = set()  # HF names loaded since the last commit
         # What one more attention call per layer costs, in cache row-columns read: measured on
         # CPU (~30 us per SDPA call); a GPU launch buys more columns, so groups are coarser there.
         self._group_overhead = 256 if self.device.type == "cpu" else 4096
@@ -168,10 +171,10 @@ class EmbeddedEngine(RolloutEngine):
             )
             raise EngineError(self.name, f"{source} misses {len(missing)} tensors: {shown}")
 
-    def _update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        """Copy every bucket tensor into its parameter; the stream must cover every expected
-        name. A failure part-way leaves a mix of old and new weights: retry the whole update."""
-        written: set[str] = set()
+    def _load_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Copy every bucket tensor into its parameter. The loads between two commits must cover
+        every expected name (checked at commit): a failure part-way leaves a mix of old and new
+        weights, so retry the whole update."""
         with self._lock, torch.no_grad():
             for bucket in buckets:
                 for name, tensor in bucket.tensors():
@@ -188,10 +191,15 @@ class EmbeddedEngine(RolloutEngine):
                             f"{tuple(tensor.shape)}, expected {target.dtype} {tuple(target.shape)}",
                         )
                     target.copy_(tensor)
-                    written.add(name)
-            self._check_complete(written, f"weight update to version {version}")
+                    self._written.add(name)
+
+    def _commit_weights(self, version: int) -> None:
+        written, self._written = self._written, set()
+        self._check_complete(written, f"weight update to version {version}")
 
     def get_weights(self, names: Sequence[str]) -> dict[str, Tensor]:
+        if "weights" in self._released:
+            raise EngineError(self.name, "get_weights() while the weights are released")
         out = {}
         for name in names:
             try:
@@ -202,14 +210,24 @@ class EmbeddedEngine(RolloutEngine):
 
     # -- memory ------------------------------------------------------------------------------
 
-    def release_memory(self) -> None:
-        """Free the KV-cache buffer (weights stay); the next generate reallocates it."""
-        self._buffer = torch.zeros(0, dtype=self.dtype, device=self.device)
+    def _release_memory(self, tags: tuple[str, ...]) -> int:
+        freed = 0
+        with self._lock:
+            if "kv_cache" in tags:
+                freed += self._buffer.untyped_storage().nbytes()
+                self._buffer = torch.zeros(0, dtype=self.dtype, device=self.device)
+            if "weights" in tags:
+                freed += self.decoder.release_weights()
+                self._written = set()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        return freed
 
-    def resume_memory(self) -> None:
-        return None  # the cache is reallocated lazily by the next generate
+    def _resume_memory(self, tags: tuple[str, ...]) -> None:
+        if "weights" in tags:
+            with self._lock:
+                self.decoder.resume_weights()
+        # The KV cache comes back with the next batch (KVCache.over grows the buffer).
 
     def _health(self) -> str:
         return f"{self.arch.family} {self.dtype} on {self.device}, version {self.weight_version}"

@@ -1,9 +1,8 @@
 """The rollout-engine interface: everything MEL generates goes through it.
 
-Rollouts, reflections and replays are all ``generate`` calls on a :class:`RolloutEngine`; the
-trainer pushes new weights with ``update_weights`` and every completion is stamped with the weight
-version that produced it. Implementations: the embedded in-process engine (CPU default, usable on
-GPU), SGLang (servers or in-process engines, colocated or disaggregated) and vLLM.
+Rollouts, reflections and replays are all ``generate`` calls on a :class:`RolloutEngine`; every
+completion is stamped with the weight version that produced it. Implementations: the embedded
+in-process engine (CPU default, usable on GPU), SGLang servers and vLLM.
 
 Contract (the base class holds the guards, subclasses implement the ``_hooks``):
 
@@ -11,11 +10,18 @@ Contract (the base class holds the guards, subclasses implement the ``_hooks``):
   naming the engine and the request ids that were lost; the caller may retry them. Log-probs
   are log pi(token) under the model's unscaled distribution (temperature 1), the quantity the
   trainer recomputes, whatever the sampling temperature.
-* ``update_weights(buckets, version)`` loads HF-named tensors (a stream of :class:`WeightBucket`)
-  and then reports ``weight_version == version``. Only while paused: pause -> flush -> update ->
-  resume, so no request ever mixes two versions.
-* ``release_memory`` / ``resume_memory`` free and restore weights + KV cache memory around
-  training when the engine shares the trainer's GPUs (colocation); no-ops where meaningless.
+* Weights arrive in two steps, both only while paused (pause -> flush -> load -> commit ->
+  resume), so no request ever mixes two versions. A transport (rollout/weight_sync.py) owns the
+  sending: for an engine in this process it calls ``load_weights(buckets)`` (a stream of
+  HF-named :class:`WeightBucket`); for servers it sends to them itself (CUDA IPC, NCCL). Then the
+  synchronizer calls ``commit_weights(version)`` once, after every bucket of every pipeline stage
+  has landed: the engine checks what it can and from then on reports ``weight_version ==
+  version``. ``update_weights(buckets, version)`` is both steps for in-process engines.
+* ``release_memory(tags)`` / ``resume_memory(tags)`` free and restore GPU (or host) memory of the
+  weights and the KV cache (:data:`MEMORY_TAGS`) when the engine shares the trainer's devices
+  (colocation, rollout/handoff.py). Released weights hold garbage once resumed: only a commit
+  after a complete load makes the engine generate again. Nothing generates while anything is
+  released.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from typing import Literal
 import torch
 
 FinishReason = Literal["stop", "length", "abort"]
+MemoryTag = Literal["weights", "kv_cache"]
+MEMORY_TAGS: tuple[MemoryTag, ...] = ("weights", "kv_cache")
 
 
 class EngineError(RuntimeError):
@@ -164,6 +172,7 @@ class RolloutEngine(ABC):
         self.name = name
         self._version = 0
         self._paused = False
+        self._released: set[str] = set()
         self._lock = threading.Lock()
 
     @property
@@ -174,12 +183,24 @@ class RolloutEngine(ABC):
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def released(self) -> frozenset[str]:
+        """Memory tags currently released (see :meth:`release_memory`)."""
+        return frozenset(self._released)
+
     # -- public API with guards --------------------------------------------------------------
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if self._paused:
             raise EngineError(
                 self.name, "generate() while paused", [r.request_id for r in requests]
+            )
+        if self._released:
+            raise EngineError(
+                self.name,
+                f"generate() while {'/'.join(sorted(self._released))} memory is released; "
+                "call resume_memory() (and sync the weights) first",
+                [r.request_id for r in requests],
             )
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
@@ -201,13 +222,35 @@ class RolloutEngine(ABC):
         order = {rid: i for i, rid in enumerate(ids)}
         return sorted(results, key=lambda r: order[r.request_id])
 
-    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        if not self._paused:
-            raise EngineError(self.name, "update_weights() needs pause() first (no mixed versions)")
+    def begin_weight_update(self) -> None:
+        """Open an update after pause/flush (servers that need a session open one here)."""
+        self._require_paused("begin_weight_update()")
+        self._begin_weight_update()
+
+    def load_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Copy HF-named buckets into this engine (in-process engines; see the module doc)."""
+        self._require_paused("load_weights()")
+        if "weights" in self._released:
+            raise EngineError(self.name, "load_weights() into released weights: resume first")
+        self._load_weights(buckets)
+
+    def commit_weights(self, version: int) -> None:
+        """Make ``version`` current once every bucket has landed (exactly once per version)."""
+        self._require_paused("commit_weights()")
         if version <= self._version:
             raise EngineError(self.name, f"weight version {version} <= current {self._version}")
-        self._update_weights(buckets, version)
+        if "weights" in self._released:
+            raise EngineError(self.name, f"commit of version {version} while weights are released")
+        self._commit_weights(version)
         self._version = version
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """``load_weights`` then ``commit_weights``: the whole update for in-process engines."""
+        self._require_paused("update_weights()")
+        if version <= self._version:
+            raise EngineError(self.name, f"weight version {version} <= current {self._version}")
+        self.load_weights(buckets)
+        self.commit_weights(version)
 
     def pause(self) -> None:
         self._pause()
@@ -220,6 +263,28 @@ class RolloutEngine(ABC):
         self._resume()
         self._paused = False
 
+    def release_memory(self, tags: Sequence[MemoryTag] = MEMORY_TAGS) -> int:
+        """Free the memory of ``tags``; returns the bytes freed (0 where the backend cannot say).
+
+        Only between generate calls: an engine that shares devices with the trainer releases
+        before the optimizer step and resumes before the next rollout.
+        """
+        wanted = _check_tags(tags)
+        todo = [t for t in MEMORY_TAGS if t in wanted and t not in self._released]
+        if not todo:
+            return 0
+        freed = self._release_memory(tuple(todo))
+        self._released.update(todo)
+        return freed
+
+    def resume_memory(self, tags: Sequence[MemoryTag] = MEMORY_TAGS) -> None:
+        """Reallocate the memory of ``tags``; resumed weights need a load and a commit."""
+        wanted = _check_tags(tags)
+        todo = [t for t in MEMORY_TAGS if t in wanted and t in self._released]
+        if todo:
+            self._resume_memory(tuple(todo))
+            self._released.difference_update(todo)
+
     def health(self) -> EngineHealth:
         try:
             detail = self._health()
@@ -227,13 +292,26 @@ class RolloutEngine(ABC):
             return EngineHealth(self.name, False, self._version, f"{type(exc).__name__}: {exc}")
         return EngineHealth(self.name, True, self._version, detail)
 
+    def _require_paused(self, what: str) -> None:
+        if not self._paused:
+            raise EngineError(self.name, f"{what} needs pause() first (no mixed versions)")
+
     # -- hooks -------------------------------------------------------------------------------
 
     @abstractmethod
     def _generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
 
-    @abstractmethod
-    def _update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None: ...
+    def _begin_weight_update(self) -> None:
+        return None
+
+    def _load_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        raise EngineError(
+            self.name,
+            "this engine receives weights from its transport, not through load_weights()",
+        )
+
+    def _commit_weights(self, version: int) -> None:
+        return None
 
     @abstractmethod
     def get_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -251,11 +329,18 @@ class RolloutEngine(ABC):
     def _health(self) -> str:
         return "ok"
 
-    def release_memory(self) -> None:
-        return None
+    def _release_memory(self, tags: tuple[MemoryTag, ...]) -> int:
+        return 0
 
-    def resume_memory(self) -> None:
+    def _resume_memory(self, tags: tuple[MemoryTag, ...]) -> None:
         return None
 
     def shutdown(self) -> None:
         return None
+
+
+def _check_tags(tags: Sequence[str]) -> set[str]:
+    unknown = sorted(set(tags) - set(MEMORY_TAGS))
+    if unknown:
+        raise ValueError(f"unknown memory tags {unknown}; known: {list(MEMORY_TAGS)}")
+    return set(tags)

@@ -1,59 +1,50 @@
-"""SGLang rollout engine: N HTTP servers (launched here or given by URL) behind one router.
+"""SGLang rollout engine: the driver's client of N SGLang HTTP servers behind one router.
+
+The servers are started per node by rollout/servers.py (or given by ``rollout.sglang.urls``);
+this object only talks to them. Weights reach the servers from the training ranks through the
+transports of rollout/sglang_sync.py; the engine opens the update (pause, flush,
+``/begin_weight_update``) and commits it once (``/end_weight_update``, ``/update_weight_version``,
+flush) after every bucket of every pipeline stage has landed.
 
 Generation. Each :class:`GenerationRequest` becomes one ``POST /generate`` with a batch of
 ``n`` copies of the prompt. The body carries ``input_ids`` (a list of ``n`` prompts),
 ``sampling_params`` (one dict per copy), ``rid`` (one per copy) and ``return_logprob: true``.
 Copies are sent as a batch, not with SGLang's ``n``, so each copy can carry its own
 ``sampling_seed`` (``seed + i``). SGLang applies that seed only under
-``--enable-deterministic-inference`` (``deterministic=True``). Tokens and log-probs come from
+``--enable-deterministic-inference``. Tokens and log-probs come from
 ``meta_info.output_token_logprobs`` (``[logprob, token_id, text]`` triples, checked against
 ``output_ids`` when present). The finish reason comes from ``meta_info.finish_reason.type``
 (stop / length / abort).
 
-Log-probs. By default SGLang returns ``log_softmax(logits / T)``: its sampler scales the logits
-in place before taking logprobs. The contract needs the unscaled ``log_softmax(logits)``. SGLang
-returns that when the server runs with the env var ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``, so
-launched servers always get it. Servers given by URL must be started the same way
-(``unscaled_logprobs`` asserts this). With ``unscaled_logprobs=False``, only temperatures 0 and
-1 are accepted, because there the two quantities coincide. Stops: SGLang ends on
-``stop_token_ids`` *and* on the model's own EOS ids. ``ignore_eos`` would switch off both, so it
-is only set when ``stop_token_ids`` is empty.
+Log-probs. By default SGLang returns ``log_softmax(logits / T)``. The contract needs the
+unscaled ``log_softmax(logits)``, which SGLang returns under ``SGLANG_RETURN_ORIGINAL_LOGPROB=1``
+(launched servers always get it). With ``unscaled_logprobs=False`` only temperatures 0 and 1 are
+accepted, where the two coincide. Stops: SGLang ends on ``stop_token_ids`` *and* on the model's
+own EOS ids; ``ignore_eos`` would switch off both, so it is only set without stop tokens.
 
 Routing and failures. A request goes to the healthy server with the fewest requests in flight.
-A server that refuses, resets, times out (``request_timeout_s``) or answers 5xx is marked
-unhealthy. Its requests end up in :class:`EngineError`, which names the server URL(s) and the
-lost request ids. Results that did complete are kept, and a retry of the same requests at the
-same weight version returns them without generating again. At the start of every call,
-unhealthy servers are probed (``/health_generate``). A server is taken back only if
-``/get_weight_version`` shows the version the others serve, so a server that missed an update
-never serves stale weights.
+A server that refuses, resets, times out or answers 5xx is marked unhealthy; its requests end in
+:class:`EngineError` naming the server URL(s) and the lost request ids. Completed results are
+kept, and a retry at the same weight version returns them without generating again. Unhealthy
+servers are probed at the start of every call and taken back only if ``/model_info`` shows the
+version the others serve (a server that missed an update never serves stale weights).
 
-Control. ``/pause_generation`` is sent with ``{"mode": "abort"}``, which aborts anything in
-flight so no request mixes two versions. ``/flush_cache`` is retried while it answers 400
-(requests still pending). ``/continue_generation``,
-``/release_memory_occupation`` and ``/resume_memory_occupation`` take ``tags``
-(``weights``, ``kv_cache``; ``None`` = all). Colocated servers are launched with
-``--enable-memory-saver``. Weights go through :mod:`megatron_mel.rollout.sglang_weights`.
-``get_weights`` uses ``/get_weights_by_name``, which returns the first ``truncate_size`` rows of
-a 2-D weight (first elements of a 1-D one) as float32, from TP rank 0. Verification therefore
-compares that prefix.
+Versions of the HTTP API (read in SGLang 0.5.6 and 0.5.21): ``/model_info`` carries
+``weight_version`` (``/get_weight_version`` answers 404 from 0.5.8 and is gone in 0.5.21, so it
+is only a fallback); the ``/begin_weight_update`` session exists from 0.5.21 (a 404 means an
+older server without sessions). Memory tags: ours are "weights" and "kv_cache"; SGLang's KV
+cache release goes with its CUDA graphs ("cuda_graph"), and a resume must name exactly what
+was released. ``/get_weights_by_name`` returns the first ``truncate_size`` rows of a 2-D weight
+(first elements of a 1-D one) as float32 from TP rank 0; verification compares that prefix.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -65,21 +56,10 @@ from megatron_mel.rollout.engine import (
     GenerationRequest,
     GenerationResult,
     RolloutEngine,
-    WeightBucket,
 )
-from megatron_mel.rollout.sglang_weights import (
-    GPU_HINT,
-    ColocatedTensorTransport,
-    DistributedTransport,
-    GPUBackendUnavailable,
-    HttpError,
-    raise_engine_errors,
-    request_json,
-    require_cuda,
-    run_parallel,
-)
+from megatron_mel.rollout.http import HttpError, raise_engine_errors, request_json, run_parallel
 
-ORIGINAL_LOGPROB_ENV = ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")
+SGLANG_TAGS = {"weights": ["weights"], "kv_cache": ["kv_cache", "cuda_graph"]}
 
 
 # -- pure request/response handling ----------------------------------------------------------
@@ -142,46 +122,8 @@ def parse_generate_response(
     return completions
 
 
-def launch_command(
-    model_path: str,
-    *,
-    host: str,
-    port: int,
-    tp: int,
-    mem_fraction_static: float,
-    colocate: bool,
-    deterministic: bool = False,
-    base_gpu_id: int = 0,
-    seed: int = 1234,
-    extra_args: Sequence[str] = (),
-) -> list[str]:
-    """``python -m sglang.launch_server`` with the flags RL needs."""
-    cmd = [
-        sys.executable, "-m", "sglang.launch_server",
-        "--model-path", str(model_path),
-        "--tp-size", str(tp),
-        "--mem-fraction-static", str(mem_fraction_static),
-        "--host", host,
-        "--port", str(port),
-        "--base-gpu-id", str(base_gpu_id),
-        "--random-seed", str(seed),
-        "--skip-server-warmup",
-    ]  # fmt: skip
-    if colocate:
-        cmd.append("--enable-memory-saver")  # release/resume_memory_occupation need it
-    if deterministic:
-        cmd.append("--enable-deterministic-inference")  # batch-invariant ops + sampling_seed
-    return cmd + list(extra_args)
-
-
-def launch_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    for key in ORIGINAL_LOGPROB_ENV:
-        env[key] = "1"
-    # SGLang's memory saver does not work with expandable segments (slime drops these too).
-    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    env.pop("PYTORCH_ALLOC_CONF", None)
-    return env
+def sglang_tags(tags: Sequence[str]) -> list[str]:
+    return [t for tag in tags for t in SGLANG_TAGS[tag]]
 
 
 # -- routing ---------------------------------------------------------------------------------
@@ -238,138 +180,66 @@ class _Lost(Exception):
 
 
 class SGLangEngine(RolloutEngine):
-    """See the module docstring. ``rollout.sglang.urls`` set: connect; empty: launch servers."""
+    """See the module docstring. Connects to ``urls``; never starts or stops a server."""
 
     def __init__(
         self,
-        rollout: RolloutConfig,
+        urls: Sequence[str],
         *,
-        model_path: str | None = None,
-        deterministic: bool = False,
+        engine_tps: Sequence[int] | None = None,
+        placement: Literal["colocate", "disaggregate"] = "colocate",
+        request_timeout_s: float = 600.0,
         unscaled_logprobs: bool = True,
-        base_gpu_id: int = 0,
-        seed: int = 1234,
-        extra_server_args: Sequence[str] = (),
-        launch_timeout_s: float = 900.0,
         health_timeout_s: float = 30.0,
         control_timeout_s: float = 600.0,
         flush_timeout_s: float = 60.0,
         max_concurrency: int = 256,
         truncate_size: int = 100,
-        weight_stage: int = 0,
-        weight_backend: str = "nccl",
-        master_address: str = "127.0.0.1",
-        serializer: Any = None,
-        log_dir: str | None = None,
         name: str = "sglang",
     ) -> None:
         super().__init__(name)
-        cfg = rollout.sglang
-        self.placement: Literal["colocate", "disaggregate"] = rollout.placement
-        self.request_timeout_s = cfg.request_timeout_s
+        if not urls:
+            raise ValueError("SGLangEngine needs at least one server URL")
+        urls = [u.rstrip("/") for u in urls]
+        self.engine_tps = list(engine_tps or [1] * len(urls))
+        if len(self.engine_tps) != len(urls):
+            raise ValueError("one TP size per server URL")
+        self.placement = placement
+        self.request_timeout_s, self.unscaled_logprobs = request_timeout_s, unscaled_logprobs
         self.health_timeout_s, self.control_timeout_s = health_timeout_s, control_timeout_s
         self.flush_timeout_s, self.max_concurrency = flush_timeout_s, max_concurrency
-        self.truncate_size, self.unscaled_logprobs = truncate_size, unscaled_logprobs
-        self.weight_stage, self.weight_backend = weight_stage, weight_backend
-        self.master_address, self._serializer = master_address, serializer
-        self._processes: list[subprocess.Popen] = []
-        self._logs: list[Path] = []
-        self._sender: DistributedTransport | None = None
+        self.truncate_size = truncate_size
+        self.router = LeastOutstandingRouter(urls)
         self._retry: dict[str, tuple[GenerationRequest, int, GenerationResult]] = {}
         self._nonce = 0
-        if cfg.urls:
-            urls = [u.rstrip("/") for u in cfg.urls]
-            if rollout.temperature not in (0.0, 1.0):
-                warnings.warn(
-                    "SGLang servers given by URL must run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, "
-                    "or their log-probs are scaled by the sampling temperature",
-                    stacklevel=2,
-                )
-        else:
-            if model_path is None:
-                raise ValueError("SGLangEngine needs model_path to launch servers (or sglang.urls)")
-            require_cuda("SGLang rollout")
-            if importlib.util.find_spec("sglang") is None:  # the servers import it, not us
-                raise GPUBackendUnavailable(f"SGLang rollout {GPU_HINT} (sglang is not installed)")
-            urls = self._launch(
-                model_path, rollout, deterministic, base_gpu_id, seed, extra_server_args,
-                launch_timeout_s, log_dir,
-            )  # fmt: skip
-        self.engine_tps = [cfg.engine_tp] * len(urls)
-        self.router = LeastOutstandingRouter(urls)
+        self._sessions: dict[str, bool] = {}  # url -> a /begin_weight_update session is open
         self._initial_versions = {u: self._server_version(u) for u in urls}
+
+    @classmethod
+    def from_config(
+        cls, rollout: RolloutConfig, urls: Sequence[str], engine_tps: Sequence[int]
+    ) -> SGLangEngine:
+        """The client of servers this run launched (their log-probs are unscaled)."""
+        return cls(urls, engine_tps=engine_tps, placement=rollout.placement,
+                   request_timeout_s=rollout.sglang.request_timeout_s)  # fmt: skip
+
+    @classmethod
+    def connect(cls, rollout: RolloutConfig) -> SGLangEngine:
+        """The client of servers given by ``rollout.sglang.urls`` (started by someone else)."""
+        if rollout.temperature not in (0.0, 1.0):
+            warnings.warn(
+                "SGLang servers given by URL must run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, "
+                "or their log-probs are scaled by the sampling temperature",
+                stacklevel=2,
+            )
+        urls = rollout.sglang.urls
+        return cls(urls, engine_tps=[rollout.sglang.engine_tp] * len(urls),
+                   placement=rollout.placement,
+                   request_timeout_s=rollout.sglang.request_timeout_s)  # fmt: skip
 
     @property
     def urls(self) -> list[str]:
         return self.router.urls
-
-    # -- launching -------------------------------------------------------------------------
-
-    def _launch(
-        self, model_path, rollout, deterministic, base_gpu_id, seed, extra, timeout, log_dir
-    ):
-        cfg = rollout.sglang
-        logs = Path(log_dir or tempfile.mkdtemp(prefix="mel-sglang-"))
-        logs.mkdir(parents=True, exist_ok=True)
-        urls = []
-        try:
-            for i in range(cfg.num_engines):
-                port = cfg.base_port + i
-                cmd = launch_command(
-                    model_path,
-                    host=cfg.host,
-                    port=port,
-                    tp=cfg.engine_tp,
-                    mem_fraction_static=cfg.mem_fraction_static,
-                    colocate=rollout.placement == "colocate",
-                    deterministic=deterministic,
-                    base_gpu_id=base_gpu_id + i * cfg.engine_tp,
-                    seed=seed + i,
-                    extra_args=extra,
-                )
-                log = logs / f"sglang-{i}.log"
-                with open(log, "wb") as out:
-                    proc = subprocess.Popen(
-                        cmd, stdout=out, stderr=subprocess.STDOUT, env=launch_env(),
-                        start_new_session=True,
-                    )  # fmt: skip
-                self._processes.append(proc)
-                self._logs.append(log)
-                urls.append(f"http://{cfg.host}:{port}")
-            deadline = time.monotonic() + timeout
-            for url, proc, log in zip(urls, self._processes, self._logs):
-                self._wait_ready(url, proc, log, deadline)
-        except BaseException:
-            self._kill_processes()
-            raise
-        return urls
-
-    def _wait_ready(self, url: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
-        while True:
-            if proc.poll() is not None:
-                raise EngineError(url, f"server exited with {proc.returncode}: {_tail(log)}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise EngineError(url, f"not healthy before the launch timeout: {_tail(log)}")
-            try:
-                request_json("GET", url + "/health_generate", timeout=min(remaining, 30.0))
-                return
-            except HttpError:
-                time.sleep(min(2.0, max(remaining, 0.0)))
-
-    def _kill_processes(self) -> None:
-        for proc in self._processes:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)  # its own session: server + schedulers
-        for proc in self._processes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        self._processes.clear()
 
     # -- generation ------------------------------------------------------------------------
 
@@ -440,11 +310,18 @@ class SGLangEngine(RolloutEngine):
     # -- health ----------------------------------------------------------------------------
 
     def _server_version(self, url: str) -> str | None:
-        try:
-            body = request_json("GET", url + "/get_weight_version", timeout=self.health_timeout_s)
-        except HttpError:
-            return None
-        return body.get("weight_version") if isinstance(body, dict) else None
+        """``weight_version`` from ``/model_info`` (``/get_weight_version`` before 0.5.6)."""
+        for route in ("/model_info", "/get_weight_version"):
+            try:
+                body = request_json("GET", url + route, timeout=self.health_timeout_s)
+            except HttpError as exc:
+                if exc.status == 404:
+                    continue
+                return None
+            if isinstance(body, dict) and "weight_version" in body:
+                version = body["weight_version"]
+                return None if version is None else str(version)
+        return None
 
     def _expected_version(self, url: str) -> str | None:
         return str(self._version) if self._version > 0 else self._initial_versions.get(url)
@@ -481,15 +358,18 @@ class SGLangEngine(RolloutEngine):
 
     # -- control ---------------------------------------------------------------------------
 
-    def _control(self, route: str, body: Any, what: str, method: str = "POST") -> None:
+    def _control(self, route: str, body: Any, what: str, urls: Sequence[str] | None = None) -> dict:
         def call(url: str) -> Any:
-            return request_json(method, url + route, body, timeout=self.control_timeout_s)
+            return request_json("POST", url + route, body, timeout=self.control_timeout_s)
 
-        _, errors = run_parallel([(u, lambda u=u: call(u)) for u in self.router.healthy])
+        results, errors = run_parallel(
+            [(u, lambda u=u: call(u)) for u in urls or self.router.healthy]
+        )
         for url, exc in errors.items():
             if isinstance(exc, HttpError) and exc.unreachable:
                 self.router.mark_unhealthy(url, str(exc))
         raise_engine_errors(errors, what)
+        return results
 
     def _pause(self) -> None:
         self._control("/pause_generation", {"mode": "abort"}, "pause_generation")
@@ -512,66 +392,68 @@ class SGLangEngine(RolloutEngine):
         _, errors = run_parallel([(u, lambda u=u: flush(u)) for u in self.router.healthy])
         raise_engine_errors(errors, "flush_cache")
 
-    def release_memory(self, tags: Sequence[str] | None = None) -> None:
-        self._flush()
-        body = {"tags": list(tags) if tags is not None else None}
-        self._control("/release_memory_occupation", body, "release_memory_occupation")
+    def _release_memory(self, tags: tuple[str, ...]) -> int:
+        self._flush()  # release asserts an idle server
+        self._control("/release_memory_occupation", {"tags": sglang_tags(tags)},
+                      "release_memory_occupation")  # fmt: skip
+        return 0  # SGLang does not report the size it freed
 
-    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        body = {"tags": list(tags) if tags is not None else None}
-        self._control("/resume_memory_occupation", body, "resume_memory_occupation")
+    def _resume_memory(self, tags: tuple[str, ...]) -> None:
+        self._control("/resume_memory_occupation", {"tags": sglang_tags(tags)},
+                      "resume_memory_occupation")  # fmt: skip
 
     # -- weights ---------------------------------------------------------------------------
 
-    def weight_sender(self, stage: int | None = None, **kwargs: Any) -> DistributedTransport:
-        """A disaggregated sender for one pipeline stage (module docstring of sglang_weights)."""
-        return DistributedTransport(
-            self.urls,
-            self.engine_tps,
-            stage=self.weight_stage if stage is None else stage,
-            backend=kwargs.pop("backend", self.weight_backend),
-            master_address=kwargs.pop("master_address", self.master_address),
-            timeout_s=kwargs.pop("timeout_s", self.control_timeout_s),
-            **kwargs,
-        )
-
-    def _update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+    def _begin_weight_update(self) -> None:
+        """Open a weight-update session on every server that has them (SGLang >= 0.5.21)."""
         self._retry.clear()
-        if self.placement == "colocate":
-            healthy = self.router.healthy
-            tps = [tp for u, tp in zip(self.urls, self.engine_tps) if u in healthy]
-            if self._serializer is None:
-                from megatron_mel.rollout.sglang_weights import sglang_serializer
-
-                self._serializer = sglang_serializer()
-            transport = ColocatedTensorTransport(
-                healthy, tps, timeout_s=self.control_timeout_s, serializer=self._serializer
+        if self.router.unhealthy and self.placement == "disaggregate":
+            raise EngineError(
+                ",".join(self.router.unhealthy),
+                "the NCCL weight group needs every server; restart the unhealthy ones",
             )
-            sent = self._send(transport, buckets, version)
-        else:
-            if self.router.unhealthy:
-                raise EngineError(
-                    ",".join(self.router.unhealthy),
-                    "the NCCL weight group needs every server; restart the unhealthy ones",
-                )
-            if self._sender is None:
-                self._sender = self.weight_sender()
-            sent = self._send(self._sender, buckets, version)
-        if sent == 0:  # stages sent their own buckets (or nothing changed): stamp the version
-            self._flush()
-            body = {"new_version": str(version), "abort_all_requests": False}
-            self._control("/update_weight_version", body, "update_weight_version")
 
-    def _send(self, transport: Any, buckets: Iterable[WeightBucket], version: int) -> int:
-        """A server that failed mid-update holds a mix of weights: it leaves the rotation (and
-        its version check keeps it out). Retry ``update_weights`` before ``resume``."""
-        try:
-            return transport.send(buckets, version)
-        except EngineError as exc:
-            for url in exc.engine.split(","):
-                if url in self.urls:
-                    self.router.mark_unhealthy(url, f"failed a weight update: {exc}")
-            raise
+        def begin(url: str) -> bool:
+            try:
+                answer = request_json("POST", url + "/begin_weight_update", {"selector": "all"},
+                                      timeout=self.control_timeout_s)  # fmt: skip
+            except HttpError as exc:
+                if exc.status == 404:
+                    return False  # before 0.5.21: no sessions
+                raise
+            if isinstance(answer, dict) and answer.get("success") is False:
+                raise HttpError(url, 200, str(answer.get("message")), unreachable=False)
+            return True
+
+        results, errors = run_parallel([(u, lambda u=u: begin(u)) for u in self.router.healthy])
+        self._sessions = results
+        self._fail_servers(errors, "begin_weight_update")
+
+    def _commit_weights(self, version: int) -> None:
+        open_sessions = [u for u, opened in self._sessions.items() if opened]
+        self._sessions = {}
+        if open_sessions:
+            _, errors = run_parallel(
+                [(u, lambda u=u: request_json("POST", u + "/end_weight_update", {},
+                                              timeout=self.control_timeout_s))
+                 for u in open_sessions]
+            )  # fmt: skip
+            self._fail_servers(errors, "end_weight_update")
+        self._flush()
+        body = {"new_version": str(version), "abort_all_requests": False}
+        self._control("/update_weight_version", body, "update_weight_version")
+
+    def fail_update(self, urls: Sequence[str], reason: str) -> None:
+        """Servers that failed mid-update hold a mix of weights: out of the rotation (their
+        version check keeps them out until a complete update)."""
+        for url in urls:
+            if url in self.urls:
+                self.router.mark_unhealthy(url, f"failed a weight update: {reason}")
+
+    def _fail_servers(self, errors: dict[str, BaseException], what: str) -> None:
+        if errors:
+            self.fail_update(list(errors), what)
+            raise_engine_errors(errors, what)
 
     def get_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         healthy = self.router.healthy
@@ -590,17 +472,3 @@ class SGLangEngine(RolloutEngine):
                 raise EngineError(url, f"get_weights_by_name({name!r}) returned nothing")
             out[name] = torch.tensor(value, dtype=torch.float32)
         return out
-
-    def shutdown(self) -> None:
-        if self._sender is not None:
-            with contextlib.suppress(Exception):
-                self._sender.close()
-            self._sender = None
-        self._kill_processes()
-
-
-def _tail(log: Path, chars: int = 3000) -> str:
-    try:
-        return log.read_text(errors="replace")[-chars:]
-    except OSError:
-        return f"(no log at {log})"

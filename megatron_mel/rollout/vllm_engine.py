@@ -1,4 +1,10 @@
-"""vLLM rollout engine: one in-process ``vllm.LLM`` with an RL worker extension.
+"""vLLM rollout engine: a ``vllm.LLM`` in its own process (rollout/vllm_host.py), with an RL
+worker extension.
+
+Why its own process: built inside a multi-rank torchrun job, vLLM's
+``init_distributed_environment`` reuses the job's world and creates groups over all ranks, which
+only the driver enters: a hang. ``in_process=True`` (one-process jobs only; refused otherwise)
+keeps the engine core in this process for the zero-copy TP=1 path.
 
 Generation: ``LLM.generate([{"prompt_token_ids": ids}, ...], sampling_params=[...])`` with
 ``vllm.SamplingParams(n, temperature, top_p, top_k, max_tokens, stop_token_ids, seed,
@@ -14,23 +20,20 @@ Weights: the worker extension (``worker_extension_cls`` = :data:`WORKER_EXTENSIO
 ``mel_load_bucket`` and ``mel_get_weights`` to every vLLM worker, called through
 ``LLM.collective_rpc``. A bucket reaches the workers in one of three ways:
 
-* ``direct``: the tensor object itself, for TP=1 with the engine core in this process
-  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which ``in_process=True`` sets). No copy.
+* ``direct``: the tensor object itself, for TP=1 with the engine core in this process. No copy.
 * ``ipc``: a CUDA IPC handle pickled to bytes (``ForkingPickler``). Worker processes map the
-  trainer's buffer and copy from it. This is for CUDA buckets when the workers are other
-  processes.
+  trainer's buffer and copy from it before the call returns.
 * ``cpu``: the flat buffer copied to CPU and sent by value. This works everywhere and is slow.
 
 Each worker calls ``model.load_weights`` with HF-named views of the flat buffer. vLLM's loaders
-stack q/k/v and gate/up and take their own TP shard. After the last bucket the prefix cache is
-reset. Quantized checkpoints would also need vLLM's post-load processing, which is not done
-here.
+stack q/k/v and gate/up and take their own TP shard. The commit resets the prefix cache.
+Quantized checkpoints would also need vLLM's post-load processing, which is not done here.
 
-Memory: ``release_memory`` is ``LLM.sleep(level)``. It needs ``enable_sleep_mode=True``.
-Level 1 moves weights to CPU and drops the KV cache. Level 2 drops both, which is fine when new
-weights are pushed right after. ``resume_memory(tags)`` is ``LLM.wake_up(tags)``.
-Pause: ``LLM.generate`` blocks, so nothing runs between calls. ``pause`` and ``resume`` are
-state only, and ``flush`` resets the prefix cache.
+Memory: ``release_memory`` is ``LLM.sleep(level)`` (``enable_sleep_mode=True``), which frees
+weights and KV cache together; level 1 keeps a CPU copy of the weights, level 2 does not (fine
+when new weights are pushed right after). ``resume_memory(tags)`` is ``LLM.wake_up(tags)``.
+Pause: ``LLM.generate`` blocks, so nothing runs between calls: ``pause``/``resume`` are state
+only and ``flush`` resets the prefix cache.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any, Literal
 
 import torch
 
+from megatron_mel.errors import ConfigError
 from megatron_mel.rollout.engine import (
     Completion,
     EngineError,
@@ -222,11 +226,12 @@ class VLLMEngine(RolloutEngine):
         seed: int = 1234,
         enable_sleep_mode: bool = True,
         sleep_level: int = 1,
-        in_process: bool = True,
+        in_process: bool = False,
         weight_transport: Transport = "auto",
         llm_kwargs: dict[str, Any] | None = None,
         llm: Any = None,
         sampling_params_cls: Any = None,
+        log_dir: str | None = None,
         name: str = "vllm",
     ) -> None:
         super().__init__(name)
@@ -237,25 +242,26 @@ class VLLMEngine(RolloutEngine):
                 raise ValueError("VLLMEngine needs model_path")
             require_cuda("vLLM rollout")
             vllm = import_or_explain("vllm", "vLLM rollout")
+            kwargs = dict(
+                model=str(model_path), tensor_parallel_size=tp,
+                gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed,
+                enable_sleep_mode=enable_sleep_mode, logprobs_mode="raw_logprobs",
+                worker_extension_cls=WORKER_EXTENSION, **(llm_kwargs or {}),
+            )  # fmt: skip
             if in_process:
+                _refuse_in_multi_rank_job()
                 # Engine core in this process: TP=1 workers receive tensors by reference.
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            llm = vllm.LLM(
-                model=str(model_path),
-                tensor_parallel_size=tp,
-                gpu_memory_utilization=gpu_memory_utilization,
-                dtype=dtype,
-                seed=seed,
-                enable_sleep_mode=enable_sleep_mode,
-                logprobs_mode="raw_logprobs",
-                worker_extension_cls=WORKER_EXTENSION,
-                **(llm_kwargs or {}),
-            )
-            sampling_params_cls = sampling_params_cls or vllm.SamplingParams
+                llm, sampling_params_cls = vllm.LLM(**kwargs), vllm.SamplingParams
+            else:
+                from megatron_mel.rollout.servers import server_env
+                from megatron_mel.rollout.vllm_host import spawn_llm
+
+                llm = spawn_llm(kwargs, env=server_env(colocate=True), log_dir=log_dir)
+                sampling_params_cls = dict  # built into vllm.SamplingParams in the child
         if sampling_params_cls is None:
             raise ValueError("an injected llm needs sampling_params_cls")
         self.llm, self._sampling_cls = llm, sampling_params_cls
-        self._asleep = False
 
     def _transport_for(self, bucket: WeightBucket) -> Literal["direct", "ipc", "cpu"]:
         if self.weight_transport != "auto":
@@ -265,10 +271,6 @@ class VLLMEngine(RolloutEngine):
         return "ipc" if bucket.flat.is_cuda else "cpu"
 
     def _generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        if self._asleep:
-            raise EngineError(
-                self.name, "generate() while memory is released", [r.request_id for r in requests]
-            )
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
         params = [self._sampling_cls(**sampling_kwargs(r.params)) for r in requests]
         outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
@@ -283,16 +285,17 @@ class VLLMEngine(RolloutEngine):
             for r, out in zip(requests, outputs)
         ]
 
-    def _update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        keep = []
+    def _load_weights(self, buckets: Iterable[WeightBucket]) -> None:
         for bucket in buckets:
-            keep.append(bucket)  # IPC handles point into it until every worker has copied
             if bucket.flat.is_cuda:
                 torch.cuda.synchronize(bucket.flat.device)
             payload = bucket_payload(bucket, self._transport_for(bucket))
+            # The call returns after every worker copied: the buffer may be reused after it.
             loaded = self.llm.collective_rpc("mel_load_bucket", args=(payload,))
             if any(count != len(bucket.entries) for count in loaded):
                 raise EngineError(self.name, f"workers loaded {loaded} of {len(bucket.entries)}")
+
+    def _commit_weights(self, version: int) -> None:
         self.llm.reset_prefix_cache()
 
     def _flush(self) -> None:
@@ -302,19 +305,22 @@ class VLLMEngine(RolloutEngine):
         """HF-named tensors from TP rank 0: whole tensors at TP=1, rank-0 shards beyond."""
         return self.llm.collective_rpc("mel_get_weights", args=(list(names),))[0]
 
-    def release_memory(self) -> None:
+    def _release_memory(self, tags: tuple[str, ...]) -> int:
+        if set(tags) != {"weights", "kv_cache"}:
+            raise EngineError(self.name, "vLLM's sleep releases weights and KV cache together")
         self.llm.reset_prefix_cache()
         self.llm.sleep(level=self.sleep_level)
-        self._asleep = True
+        return 0  # vLLM does not report it; the hand-off measures free device memory
 
-    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
-        self.llm.wake_up(tags=list(tags) if tags is not None else None)
-        if tags is None or "kv_cache" in tags:
-            self._asleep = False
+    def _resume_memory(self, tags: tuple[str, ...]) -> None:
+        self.llm.wake_up(tags=list(tags))
 
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None
         if llm is None:
+            return
+        if hasattr(llm, "shutdown"):  # the child process
+            llm.shutdown()
             return
         engine = getattr(llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
@@ -323,3 +329,13 @@ class VLLMEngine(RolloutEngine):
         del llm
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _refuse_in_multi_rank_job() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ConfigError(
+            "vLLM in_process=True inside a multi-rank job would hang in vLLM's new_group over "
+            "the trainer's world; use the default out-of-process vLLM"
+        )

@@ -4,13 +4,16 @@
                 (convert/mapping.py, tied copies skipped), their shapes (arch) and dtype, cut
                 into buckets of ``bucket_bytes``. Pure metadata, built once, reused every sync.
     executor    stage_buckets: iterates convert.checkpoint.iter_hf_tensors (TP all-gather inside
-                the stage, the HF mapping, vocab padding removed) and fills the planned buckets.
-    transports  WeightTransport.deliver: gets each stage's buckets to the engine(s).
-                RootTransport: the engine lives in the process of global rank 0 (embedded
-                engine, in-process vLLM; also the single-process case); other stages' leaders
-                send their buckets to rank 0 over the default process group.
-                SenderTransport: each stage leader pushes its buckets to the servers itself
-                with a sender from rollout/sglang_weights.py (CUDA IPC or NCCL).
+                the stage, the HF mapping, vocab padding removed) and fills the planned buckets,
+                one step per planned bucket on every exporting rank, so transports can put
+                their own collectives between two buckets.
+    transports  WeightTransport.deliver: gets every stage's buckets to the engine(s); it owns
+                the sending. RootTransport (here): the engine lives in global rank 0's process
+                (embedded engine, vLLM host); other stages' leaders send their buckets there.
+                rollout/sglang_sync.py: colocated CUDA IPC from the ranks on each engine's GPUs,
+                and one NCCL group per stage for engines on their own GPUs.
+    commit      WeightSynchronizer: pause -> flush -> begin -> deliver -> commit -> resume; the
+                engine commits the version once, after the last bucket of the last stage.
 
 Only data-parallel replica 0 exports (all replicas hold the same weights). Within it every TP rank
 iterates (the gathers are collective) and the TP-rank-0 "stage leader" owns the buckets.
@@ -22,14 +25,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_mel import platform
 from megatron_mel.convert.checkpoint import iter_hf_tensors, param_mappings
 from megatron_mel.convert.mapping import expected_hf_names, hf_tensor_shape
 from megatron_mel.models.arch import ModelArch
@@ -133,13 +136,14 @@ def stage_buckets(
     arch: ModelArch,
     plan: SyncPlan,
     staging: dict[torch.dtype, torch.Tensor] | None = None,
-) -> Iterator[WeightBucket]:
+) -> Iterator[WeightBucket | None]:
     """This stage's buckets, filled from the model (collective over the stage's TP group).
 
-    Yields on the stage leader only; other TP ranks of replica 0 must still exhaust the
-    iterator, because producing the tensors all-gathers them over TP. With ``staging`` (one
-    reusable buffer per dtype, grown on demand) every bucket is a view of the same memory, which
-    is only safe when the consumer copies a bucket out before asking for the next one.
+    Yields once per planned bucket on every TP rank of replica 0: the bucket on the stage
+    leader, None on its TP peers, which take part in the gathers that produce it. With
+    ``staging`` (one reusable buffer per dtype, grown on demand) every bucket is a view of the
+    same memory, which is only safe when the consumer is done with a bucket before asking for
+    the next one.
     """
     stage = plan.stages[ps.get_pipeline_model_parallel_rank()]
     leader = ps.get_tensor_model_parallel_rank() == 0
@@ -159,8 +163,7 @@ def stage_buckets(
                 )
             if flat is not None:
                 flat[entry.offset : entry.offset + entry.numel].copy_(tensor.reshape(-1))
-        if flat is not None:
-            yield WeightBucket(list(bucket.entries), flat)
+        yield WeightBucket(list(bucket.entries), flat) if flat is not None else None
     leftover = next(tensors, None)
     if leftover is not None:
         raise WeightSyncError(f"model exports {leftover[0]} which the plan does not have")
@@ -205,10 +208,11 @@ class SyncMetrics:
 
 
 class WeightTransport(ABC):
-    """Gets each pipeline stage's buckets to the rollout engine(s).
+    """Gets each pipeline stage's buckets to the rollout engine(s); it owns the sending.
 
-    ``deliver`` is called on every rank in lockstep. On stage leaders ``buckets`` yields the
-    stage's buckets; elsewhere it yields nothing but must still be exhausted (TP collectives).
+    ``deliver`` is called on every rank in lockstep. ``local`` steps once per planned bucket of
+    this rank's stage on the ranks that export it (the bucket on the stage leader, None on its
+    TP peers) and is empty elsewhere; it must be exhausted (the TP gathers are collective).
     ``copies_each_bucket``: the transport is done with a bucket before it asks for the next, so
     buckets may share one staging buffer.
     """
@@ -216,43 +220,42 @@ class WeightTransport(ABC):
     copies_each_bucket: bool = False
 
     @abstractmethod
-    def deliver(self, plan: SyncPlan, buckets: Iterator[WeightBucket], version: int) -> None: ...
+    def deliver(
+        self, plan: SyncPlan, local: Iterator[WeightBucket | None], version: int
+    ) -> None: ...
 
     @abstractmethod
-    def mismatches(self, plan: SyncPlan, buckets: Iterator[WeightBucket]) -> list[str]:
+    def mismatches(self, plan: SyncPlan, local: Iterator[WeightBucket | None]) -> list[str]:
         """HF names whose engine value differs from the exported one (same on every rank)."""
 
-
-def _exchange_device() -> torch.device:
-    """Where point-to-point buffers live: CUDA with NCCL, CPU with gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    def close(self) -> None:
+        """Release what the transport holds (process groups); every rank calls it."""
+        return None
 
 
-def at_root(plan: SyncPlan, local: Iterator[WeightBucket]) -> Iterator[WeightBucket]:
+def at_root(plan: SyncPlan, local: Iterator[WeightBucket | None]) -> Iterator[WeightBucket]:
     """Every stage's buckets on global rank 0, in plan order; on other ranks, send and yield
     nothing. Receive order is fixed (stage 0, 1, ..., buckets in order), so sends and receives
     always match without tags."""
     if dist.get_rank() != 0:
-        is_leader = dist.get_rank() in plan.leaders
         for bucket in local:
-            if is_leader:
-                dist.send(bucket.flat.to(_exchange_device()), dst=0)
+            if bucket is not None:
+                dist.send(platform.on_collective_device(bucket.flat), dst=0)
         return
-    yield from local  # stage 0 is rank 0's own stage
-    device = _exchange_device()
+    for bucket in local:  # stage 0 is rank 0's own stage
+        if bucket is not None:
+            yield bucket
     for stage, leader in enumerate(plan.leaders):
         if leader == 0:
             continue
-        for bucket in plan.stages[stage]:
-            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+        for planned in plan.stages[stage]:
+            flat = platform.collective_empty(planned.numel, dtype=planned.dtype)
             dist.recv(flat, src=leader)
-            yield WeightBucket(list(bucket.entries), flat)
+            yield WeightBucket(list(planned.entries), flat)
 
 
 def compare_at_root(
-    engine: RolloutEngine | None, plan: SyncPlan, local: Iterator[WeightBucket]
+    engine: RolloutEngine | None, plan: SyncPlan, local: Iterator[WeightBucket | None]
 ) -> list[str]:
     """Names whose engine value differs from the export; the same list on every rank.
 
@@ -281,68 +284,31 @@ def compare_at_root(
 
 
 class RootTransport(WeightTransport):
-    """The engine lives in the process of global rank 0 (embedded engine, in-process vLLM);
-    remote stage leaders send their buckets there."""
+    """The engine lives in the process of global rank 0 (embedded engine, vLLM host);
+    remote stage leaders send their buckets there and rank 0 loads them."""
 
-    copies_each_bucket = True  # dist.send and update_weights finish with a bucket before the next
+    copies_each_bucket = True  # dist.send and load_weights finish with a bucket before the next
 
     def __init__(self, engine: RolloutEngine | None) -> None:
         if (dist.get_rank() == 0) != (engine is not None):
             raise ValueError("RootTransport needs the engine on global rank 0 and only there")
         self.engine = engine
 
-    def deliver(self, plan: SyncPlan, buckets: Iterator[WeightBucket], version: int) -> None:
-        stream = at_root(plan, buckets)
+    def deliver(self, plan: SyncPlan, local: Iterator[WeightBucket | None], version: int) -> None:
+        stream = at_root(plan, local)
         if self.engine is not None:
-            self.engine.update_weights(stream, version)
+            self.engine.load_weights(stream)
         else:
             for _ in stream:
                 pass
-        dist.barrier()
 
-    def mismatches(self, plan: SyncPlan, buckets: Iterator[WeightBucket]) -> list[str]:
-        return compare_at_root(self.engine, plan, buckets)
-
-
-class Sender(Protocol):
-    def send(self, buckets: Iterable[WeightBucket], version: int) -> int: ...
-
-
-class SenderTransport(WeightTransport):
-    """Each stage leader pushes its own buckets to the engine servers (SGLang: CUDA IPC when
-    colocated, an NCCL group per stage when disaggregated), one stage after another so no two
-    groups are ever mid-broadcast; then the driver stamps the version on the servers.
-
-    ``make_sender(stage)`` is called once, on stage leaders only.
-    """
-
-    def __init__(self, engine: RolloutEngine | None, make_sender: Callable[[int], Sender]) -> None:
-        self.engine = engine
-        self.make_sender = make_sender
-        self._sender: Sender | None = None
-
-    def deliver(self, plan: SyncPlan, buckets: Iterator[WeightBucket], version: int) -> None:
-        stage = ps.get_pipeline_model_parallel_rank()
-        leader = dist.get_rank() in plan.leaders
-        for current in range(len(plan.stages)):
-            if current == stage and leader:
-                if self._sender is None:
-                    self._sender = self.make_sender(stage)
-                self._sender.send(buckets, version)
-            elif current == stage:
-                for _ in buckets:  # TP peers take part in the gathers
-                    pass
-            dist.barrier()
-        if self.engine is not None:
-            self.engine.update_weights([], version)  # flush and stamp the version
-        dist.barrier()
-
-    def mismatches(self, plan: SyncPlan, buckets: Iterator[WeightBucket]) -> list[str]:
-        return compare_at_root(self.engine, plan, buckets)
+    def mismatches(self, plan: SyncPlan, local: Iterator[WeightBucket | None]) -> list[str]:
+        return compare_at_root(self.engine, plan, local)
 
 
 class WeightSynchronizer:
-    """Pushes the trainer's weights to the engines: pause -> flush -> load -> resume.
+    """Pushes the trainer's weights to the engines: pause -> flush -> begin -> deliver ->
+    commit -> resume (see the module docstring).
 
     ``engine`` is the engine object on the rank that drives it (rank 0), None elsewhere.
     """
@@ -367,25 +333,30 @@ class WeightSynchronizer:
             {} if transport.copies_each_bucket else None
         )
 
-    def _local_buckets(self) -> Iterator[WeightBucket]:
+    def _local_buckets(self) -> Iterator[WeightBucket | None]:
         if not exports_weights():
             return iter(())
         return stage_buckets(self.chunks, self.arch, self.plan, self._staging)
 
     @torch.no_grad()
     def sync(self, version: int) -> SyncMetrics:
-        """Load the current weights into the engine as ``version``; verify if configured."""
+        """Load the current weights into the engine as ``version``; verify if configured.
+
+        The driver pauses the engine, opens the update, the transport delivers every stage's
+        buckets, and after a barrier (every stage has landed) the driver commits ``version``
+        once. A failure anywhere raises on every rank before anything is committed.
+        """
         metrics = SyncMetrics(version=version, bytes=self.plan.nbytes,
                               buckets=sum(len(s) for s in self.plan.stages))  # fmt: skip
         dist.barrier()
         start = time.perf_counter()
-        if self.engine is not None:
-            self.engine.pause()
-            self.engine.flush()
+        platform.on_driver(self._open)
         try:
             self.transport.deliver(self.plan, self._local_buckets(), version)
+            dist.barrier()
+            platform.on_driver(lambda: self.engine.commit_weights(version))  # type: ignore[union-attr]
         finally:
-            if self.engine is not None:
+            if self.engine is not None and self.engine.paused:
                 self.engine.resume()
         metrics.seconds = time.perf_counter() - start
         if self.verify:
@@ -398,3 +369,12 @@ class WeightSynchronizer:
                     "rollout"
                 )
         return metrics
+
+    def _open(self) -> None:
+        assert self.engine is not None
+        self.engine.pause()
+        self.engine.flush()
+        self.engine.begin_weight_update()
+
+    def close(self) -> None:
+        self.transport.close()

@@ -31,6 +31,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
+from megatron_mel import platform
 from megatron_mel.algorithms.aggregation import AggregationSpec, assign_token_weights
 from megatron_mel.algorithms.loss import LossFunction, make_loss
 from megatron_mel.algorithms.token_loss import IGNORE
@@ -368,7 +369,7 @@ class Actor(PolicyRunner):
 
     def _check_finite(self, records: list[dict[str, Any]], step: int) -> None:
         bad = next((r["micro_batch"] for r in records if not math.isfinite(r["loss_sum"])), -1)
-        flag = torch.tensor([bad], dtype=torch.long)
+        flag = platform.collective_tensor([bad], dtype=torch.long)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag) >= 0:
             raise NonFiniteLossError(
@@ -379,12 +380,15 @@ class Actor(PolicyRunner):
     def _reduce_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
         keys = ("loss_sum", "pg_loss_sum", "nll_loss_sum", "pg_tokens", "nll_tokens",
                 "entropy_sum", "clipped_tokens")  # fmt: skip
-        totals = torch.tensor(
-            [sum(float(r.get(k, 0.0)) for r in records) for k in keys], dtype=torch.float64
+        dp_group = ps.get_data_parallel_group()
+        totals = platform.collective_tensor(
+            [sum(float(r.get(k, 0.0)) for r in records) for k in keys],
+            dtype=torch.float64,
+            group=dp_group,
         )
         if ps.is_pipeline_last_stage():
-            dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        totals = share_from_last_stage(totals)
+            dist.all_reduce(totals, group=dp_group)
+        totals = share_from_last_stage(totals.cpu())
         sums = dict(zip(keys, totals.tolist()))
         pg_tokens = max(sums["pg_tokens"], 1.0)
         return {

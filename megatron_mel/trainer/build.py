@@ -7,11 +7,16 @@ sampler, the meta-experience store and the tracker.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import socket
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megatron_mel import platform
 from megatron_mel.checkpoint import Checkpointer
 from megatron_mel.config import ConfigError, RunConfig, flatten, read_hf_config
 from megatron_mel.convert.checkpoint import load_hf_weights
@@ -24,16 +29,17 @@ from megatron_mel.reflection.service import Reflector
 from megatron_mel.reflection.store import ExperienceStore
 from megatron_mel.reflection.templates import ReflectionTemplates
 from megatron_mel.rewards.verifier import RewardPool
-from megatron_mel.rollout.engine import RolloutEngine
-from megatron_mel.rollout.weight_sync import (
-    RootTransport,
-    Sender,
-    SenderTransport,
-    WeightSynchronizer,
-    WeightTransport,
-)
+from megatron_mel.rollout import placement
+from megatron_mel.rollout.engine import EngineError, RolloutEngine
+from megatron_mel.rollout.handoff import Handoff
+from megatron_mel.rollout.placement import Layout
+from megatron_mel.rollout.servers import NodeServers, wait_ready
+from megatron_mel.rollout.sglang_sync import ColocatedIpcTransport, StageNcclTransport
+from megatron_mel.rollout.weight_sync import RootTransport, WeightSynchronizer, WeightTransport
 from megatron_mel.tracking import Tracker
 from megatron_mel.trainer.actor import Actor, ActorSettings, PolicyRunner, build_actor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,7 +108,54 @@ def _share_prefixes(cfg: RunConfig) -> bool:
     return cfg.optim.share_prefixes and attention_backend(cfg.model) == "local"
 
 
-def build_engine(cfg: RunConfig, arch: ModelArch) -> RolloutEngine:
+def build_layout(cfg: RunConfig) -> Layout:
+    """Where every training rank and engine runs (collective: the ranks' numbering is checked,
+    and node addresses are gathered when MEL_NODE_HOSTS does not give them)."""
+    topology = placement.topology_from_env(cfg.launch)
+    rank, _, local_rank = platform.launcher_env()
+    node = rank // topology.ranks_per_node
+    reported: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reported, (rank, node, local_rank, socket.gethostname()))
+    if not topology.hosts and topology.train_nodes > 1 and not topology.rollout_nodes:
+        by_node = {n: host for _, n, lr, host in reported if lr == 0}
+        topology = dataclasses.replace(topology, hosts=tuple(by_node[n] for n in sorted(by_node)))
+    sg, engine = cfg.rollout.sglang, cfg.rollout.engine
+    # The embedded engine is one in-process engine of rank 0; vLLM is one engine beside it.
+    tp = sg.engine_tp if engine != "embedded" else 1
+    count = sg.num_engines if engine == "sglang" else 1
+    layout = placement.plan_layout(topology, mode=cfg.rollout.placement, engine_tp=tp,
+                                   num_engines=count, base_port=sg.base_port, host=sg.host)  # fmt: skip
+    placement.check_rank_table(layout, [(r, n, lr) for r, n, lr, _ in reported])
+    if dist.get_rank() == 0 and cfg.rollout.engine == "sglang":
+        log.info("%s", layout.describe())
+    return layout
+
+
+def start_servers(cfg: RunConfig, layout: Layout) -> NodeServers | None:
+    """This node's SGLang servers, started by its launcher rank before the trainer allocates
+    (collective: every rank learns whether every node's servers came up)."""
+    if cfg.rollout.engine != "sglang" or cfg.rollout.sglang.urls:
+        return None
+    node = dist.get_rank() // layout.topology.ranks_per_node
+    servers, error = None, None
+    if layout.launcher_rank(node) == dist.get_rank() and layout.engines_on(node):
+        servers = NodeServers(layout.engines_on(node), cfg.rollout, model_path=cfg.model.hf_dir,
+                              seed=cfg.launch.seed, log_dir=f"{cfg.launch.run_dir}/engine_logs")  # fmt: skip
+        try:
+            servers.start()
+        except Exception as exc:  # reported to every rank below
+            error = f"node {node}: {exc}"
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if failed:
+        if servers is not None:
+            servers.close()
+        raise EngineError("sglang", "rollout servers did not start: " + "; ".join(failed))
+    return servers
+
+
+def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngine:
     """The rollout engine (driver only); weights start from model.hf_dir."""
     if cfg.rollout.engine == "embedded":
         from megatron_mel.rollout.embedded import EmbeddedEngine
@@ -115,50 +168,72 @@ def build_engine(cfg: RunConfig, arch: ModelArch) -> RolloutEngine:
     if cfg.rollout.engine == "sglang":
         from megatron_mel.rollout.sglang_engine import SGLangEngine
 
-        return SGLangEngine(cfg.rollout, model_path=cfg.model.hf_dir, seed=cfg.launch.seed,
-                            log_dir=f"{cfg.launch.run_dir}/sglang_logs")  # fmt: skip
+        if cfg.rollout.sglang.urls:
+            return SGLangEngine.connect(cfg.rollout)
+        deadline = time.monotonic() + cfg.rollout.sglang.launch_timeout_s
+        for slot in layout.engines_on_rollout_nodes():  # started by `megatron-mel serve`
+            wait_ready(slot.url, deadline)
+        return SGLangEngine.from_config(cfg.rollout, [e.url for e in layout.engines],
+                                        [e.tp for e in layout.engines])  # fmt: skip
     from megatron_mel.rollout.vllm_engine import VLLMEngine
 
-    # vLLM reads its size from the same server knobs as SGLang (rollout.sglang.*).
+    if cfg.rollout.placement != "colocate" or cfg.rollout.sglang.num_engines not in (None, 1):
+        raise ConfigError(
+            "rollout.engine=vllm runs one engine beside the driver, colocated on its node's "
+            "first GPUs; use rollout.engine=sglang for several engines or disaggregated placement"
+        )
+    # vLLM reads its size from the same server knobs as SGLang (rollout.sglang.*), and runs in a
+    # process of its own (rollout/vllm_host.py).
     return VLLMEngine(cfg.model.hf_dir, tp=cfg.rollout.sglang.engine_tp,
                       gpu_memory_utilization=cfg.rollout.sglang.mem_fraction_static,
-                      dtype=cfg.model.dtype, seed=cfg.launch.seed)  # fmt: skip
+                      dtype=cfg.model.dtype, seed=cfg.launch.seed,
+                      log_dir=f"{cfg.launch.run_dir}/engine_logs")  # fmt: skip
 
 
 def build_sync(
-    cfg: RunConfig, actor: Actor, arch: ModelArch, engine: RolloutEngine | None
+    cfg: RunConfig, actor: Actor, arch: ModelArch, engine: RolloutEngine | None, layout: Layout
 ) -> WeightSynchronizer:
     """Weight sync from the actor to the engine(s) (collective)."""
-    if cfg.rollout.engine in ("embedded", "vllm"):
+    if cfg.rollout.engine != "sglang":
         transport: WeightTransport = RootTransport(engine)
+    elif cfg.rollout.placement == "colocate":
+        if cfg.rollout.sglang.urls and len(cfg.rollout.sglang.urls) != len(layout.engines):
+            raise ConfigError(
+                f"rollout.sglang.urls: {len(cfg.rollout.sglang.urls)} colocated servers, but the "
+                f"placement has {len(layout.engines)} engine slots; colocated servers must sit "
+                "where the placement puts them (megatron-mel plan shows it)"
+            )
+        transport = ColocatedIpcTransport(
+            layout, engine, timeout_s=cfg.rollout.sglang.request_timeout_s
+        )
     else:
-        transport = _sglang_transport(cfg, engine)
+        urls = platform.from_driver(lambda: list(engine.urls))  # type: ignore[union-attr]
+        node = dist.get_rank() // layout.topology.ranks_per_node
+        host = layout.topology.hosts[node] if layout.topology.hosts else "127.0.0.1"
+        transport = StageNcclTransport(
+            urls, [cfg.rollout.sglang.engine_tp] * len(urls), engine, master_address=host,
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout_s=cfg.rollout.sglang.request_timeout_s,
+        )  # fmt: skip
     return WeightSynchronizer(
         actor.chunks, arch, transport, engine,
         bucket_bytes=cfg.rollout.weight_bucket_mb * 2**20, verify=cfg.rollout.verify_weights,
     )  # fmt: skip
 
 
-def _sglang_transport(cfg: RunConfig, engine: RolloutEngine | None) -> WeightTransport:
-    """Stage leaders push to the SGLang servers directly (collective: URLs come from rank 0)."""
-    from megatron_mel.trainer.phases import from_driver
-
-    urls = from_driver(lambda: list(engine.urls))  # type: ignore[union-attr]
-    tps = [cfg.rollout.sglang.engine_tp] * len(urls)
-    timeout = cfg.rollout.sglang.request_timeout_s
-
-    def make_sender(stage: int) -> Sender:
-        from megatron_mel.rollout import sglang_weights
-
-        if cfg.rollout.placement == "colocate":
-            return sglang_weights.ColocatedTensorTransport(urls, tps, timeout_s=timeout)
-        return sglang_weights.DistributedTransport(urls, tps, stage=stage, timeout_s=timeout)
-
-    return SenderTransport(engine, make_sender)
+def build_handoff(
+    cfg: RunConfig, sync: WeightSynchronizer, engine: RolloutEngine | None
+) -> Handoff:
+    release = cfg.rollout.release_memory and cfg.rollout.placement == "colocate"
+    return Handoff(sync, engine, release=release)
 
 
 def build_driver(
-    cfg: RunConfig, arch: ModelArch, train: list[Problem], benchmarks: dict[str, list[Problem]]
+    cfg: RunConfig,
+    arch: ModelArch,
+    train: list[Problem],
+    benchmarks: dict[str, list[Problem]],
+    layout: Layout,
 ) -> DriverHandles:
     """Everything the driver rank owns; call on global rank 0 only."""
     formatter = PromptFormatter.from_dir(
@@ -181,7 +256,7 @@ def build_driver(
             f"data.max_prompt_tokens={cfg.data.max_prompt_tokens}: every prompt is longer"
         )
     return DriverHandles(
-        engine=build_engine(cfg, arch),
+        engine=build_engine(cfg, arch, layout),
         formatter=formatter,
         pool=pool,
         reflector=reflector,

@@ -1,8 +1,9 @@
 """The MEL training loop: generate, verify, reflect + validate, train, sync, save, evaluate, log.
 
 It reads like the diagram in docs/architecture.md. Every rank runs it; the generation side runs
-on the driver (global rank 0) inside ``from_driver`` and its result reaches all ranks, the
-training side is collective. With ``algorithm.meta_experience`` off (grpo, reinforce_pp, rft)
+on the driver (global rank 0) inside ``platform.from_driver`` and its result reaches all ranks,
+the training side is collective. Engines start before the trainer allocates; around training
+``handoff`` frees and restores their memory when they share the training devices. With ``algorithm.meta_experience`` off (grpo, reinforce_pp, rft)
 the reflection step does nothing.
 """
 
@@ -20,6 +21,7 @@ from megatron_mel.data.packing import TrainSample
 from megatron_mel.models.arch import load_arch
 from megatron_mel.rollout.engine import SamplingParams
 from megatron_mel.rollout.groups import generate_groups
+from megatron_mel.rollout.handoff import Handoff
 from megatron_mel.tracking import Tracker
 from megatron_mel.trainer import build
 from megatron_mel.trainer.actor import Actor, PolicyRunner
@@ -27,9 +29,7 @@ from megatron_mel.trainer.build import DriverHandles
 from megatron_mel.trainer.evaluation import EvalSpec, evaluate, markdown_table
 from megatron_mel.trainer.phases import (
     PhaseTimer,
-    from_driver,
     logprob_mismatch,
-    on_driver_checked,
     policy_samples,
     verify_groups,
     with_retries,
@@ -46,17 +46,22 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     arch.validate_layout(cfg.parallel, platform.launcher_env()[1])
     train_set, benchmarks = build.load_datasets(cfg)  # bad data fails before the model is built
     ctx = platform.init_distributed(cfg.parallel, seed=cfg.model.init_seed)
+    layout = build.build_layout(cfg)
+    servers = build.start_servers(cfg, layout)  # engines first: the trainer has not allocated
+    driver = platform.on_driver(
+        lambda: build.build_driver(cfg, arch, train_set, benchmarks, layout)
+    )
+    driver = driver or DriverHandles()
     actor = build.build_policy(cfg, arch)
     reference = build.build_reference(cfg, arch)
-    driver = on_driver_checked(lambda: build.build_driver(cfg, arch, train_set, benchmarks))
-    driver = driver or DriverHandles()
-    sync = build.build_sync(cfg, actor, arch, driver.engine)
+    sync = build.build_sync(cfg, actor, arch, driver.engine, layout)
+    handoff = build.build_handoff(cfg, sync, driver.engine)
     ckpt = build.build_checkpointer(cfg, arch)
     state = TrainerState()
     latest = ckpt.latest()
     if latest is not None:
         state = ckpt.load(latest, actor)
-        from_driver(lambda: _restore_driver(driver, state, latest))
+        platform.from_driver(lambda: _restore_driver(driver, state, latest))
     tracker = build.build_tracker(cfg, resume_run_id=state.mlflow_run_id, recipe_name=recipe_name)
     state.mlflow_run_id = tracker.run_id
     tracker.forget_after(state.step)
@@ -71,17 +76,18 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     try:
         for step in range(state.step + 1, cfg.trainer.num_steps + 1):
             started = time.perf_counter()
-            metrics = _train_step(cfg, step, actor, reference, driver, state.weight_version)
-            synced = sync.sync(version=state.weight_version + 1)
-            state.weight_version, state.step = synced.version, step
-            metrics.update(synced.as_dict())
-            metrics["time/sync"] = synced.seconds
+            metrics = _train_step(
+                cfg, step, actor, reference, driver, handoff, state.weight_version
+            )
+            state.weight_version, state.step = int(metrics["sync/weight_version"]), step
             # Wall clock of the whole step (phases plus what no phase timer covers: broadcasts,
             # packing, bookkeeping); evaluation and checkpoints are not part of it.
             metrics["time/step"] = time.perf_counter() - started
             last = step == cfg.trainer.num_steps
             if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or last):
-                metrics.update(from_driver(lambda s=step: _evaluate(cfg, driver, tracker, s)))
+                metrics.update(
+                    platform.from_driver(lambda s=step: _evaluate(cfg, driver, tracker, s))
+                )
             # Log before saving: a crash between the two re-runs (and re-logs) the step, while
             # the other order could leave a checkpointed step that was never logged.
             tracker.log_metrics(metrics, step)
@@ -100,7 +106,10 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
             status = "FINISHED"
     finally:
         tracker.close(status)
+        sync.close()
         driver.close()
+        if servers is not None:
+            servers.close()
         platform.destroy_distributed()
     if ctx.is_main and tracker.tracking_uri:
         print(
@@ -115,12 +124,17 @@ def _train_step(
     actor: Actor,
     reference: PolicyRunner | None,
     driver: DriverHandles,
+    handoff: Handoff,
     version: int,
 ) -> dict[str, float]:
-    """One MEL cycle up to the optimizer step; returns its metrics (same on every rank)."""
+    """One MEL cycle: generate on the engines, hand the devices to training, train, hand them
+    back with the new weights; returns its metrics (same on every rank)."""
     timer = PhaseTimer()
-    samples, metrics, timings = from_driver(lambda: _generate_and_reflect(cfg, step, driver, timer))
+    samples, metrics, timings = platform.from_driver(
+        lambda: _generate_and_reflect(cfg, step, driver, timer)
+    )
     timer.seconds.update(timings)
+    metrics.update(handoff.to_train())
     responses = [s for s in samples if s.term in ("pg", "rft")]  # the rollout responses
     engine_logprobs = [s.old_logprobs for s in responses]
     if cfg.algorithm.recompute_old_logprobs:
@@ -139,6 +153,7 @@ def _train_step(
     metrics.update({f"train/{k}": v for k, v in train.items()})
     metrics.update(timer.metrics())
     metrics["rollout/weight_version"] = float(version)
+    metrics.update(handoff.to_rollout(version + 1))
     return metrics
 
 

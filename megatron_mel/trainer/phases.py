@@ -2,7 +2,8 @@
 
 The generation side of a step (rollout, verification, reflection, replay) runs on the driver
 rank (global rank 0), which owns the engine handle, the verifier pool and the tokenizer; its
-result reaches every rank through :func:`from_driver`. Training is collective.
+result reaches every rank through :func:`megatron_mel.platform.from_driver`. Training is
+collective.
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
-import torch.distributed as dist
 
 from megatron_mel.algorithms.advantages import compute_advantages
 from megatron_mel.config import AlgorithmConfig
@@ -25,41 +25,6 @@ from megatron_mel.rollout.groups import RolloutGroup
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-def from_driver(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on global rank 0 and hand its (picklable) result to every rank.
-
-    An exception on the driver is re-raised on every rank with the driver's message, so the
-    job fails together instead of leaving the other ranks waiting in a collective.
-    """
-    holder: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            holder[0] = ("ok", fn())
-        except Exception as exc:  # shipped to every rank, re-raised below
-            holder[0] = ("error", exc)
-    dist.broadcast_object_list(holder, src=0)
-    status, value = holder[0]
-    if status == "error":
-        raise value
-    return value
-
-
-def on_driver_checked(fn: Callable[[], T]) -> T | None:
-    """Run ``fn`` on global rank 0 only (its result stays there: None elsewhere), then let every
-    rank know whether it failed, so a bad config on the driver stops all ranks at once."""
-    result: T | None = None
-    status: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as exc:
-            status[0] = exc
-    dist.broadcast_object_list(status, src=0)
-    if status[0] is not None:
-        raise status[0]
-    return result
 
 
 class PhaseTimer:

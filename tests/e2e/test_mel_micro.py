@@ -28,11 +28,12 @@ def _metrics(run_dir):
 @pytest.fixture(scope="module")
 def runs(micro_policy, tmp_path_factory):
     out = {}
-    for algorithm in ("mel", "grpo"):
-        run_dir = tmp_path_factory.mktemp(algorithm)
+    for name, algorithm, extra in (("mel", "mel", []), ("grpo", "grpo", []),
+                                   ("mel-resident", "mel", ["rollout.release_memory=false"])):  # fmt: skip
+        run_dir = tmp_path_factory.mktemp(name)
         stdout = run_train(run_dir, micro_policy, f"algorithm.name={algorithm}", "parallel.tp=2",
-                           "trainer.num_steps=2")  # fmt: skip
-        out[algorithm] = (run_dir, stdout)
+                           "trainer.num_steps=2", *extra)  # fmt: skip
+        out[name] = (run_dir, stdout)
     return out
 
 
@@ -75,6 +76,23 @@ def test_mel_logs_every_metric_every_step(runs):
     assert steps[1]["sync/weight_version"] == 2
     assert "eval/gsm8k/pass_at_1" in steps[1]
     assert "step 2/2" in stdout and "mlflow ui --backend-store-uri" in stdout
+
+
+# Wall-clock measurements differ between runs by nature; so do the hand-off's own metrics.
+VOLATILE = ("time/", "sync/seconds", "sync/gb_per_s", "rollout/released_gib")
+
+
+def test_memory_handoff_frees_memory_and_changes_nothing_else(runs):
+    """Colocated (the default): the embedded engine frees its weights and KV cache before every
+    training step and gets them back from the sync; the run equals one without the hand-off."""
+    handed = _metrics(runs["mel"][0])
+    resident = _metrics(runs["mel-resident"][0])
+    for with_handoff, without in zip(handed, resident, strict=True):
+        assert with_handoff["rollout/released_gib"] > 0
+        assert with_handoff["time/release"] > 0 and with_handoff["time/resume"] > 0
+        assert "rollout/released_gib" not in without and "time/release" not in without
+        stable = {k: v for k, v in with_handoff.items() if not k.startswith(VOLATILE)}
+        assert stable == {k: v for k, v in without.items() if not k.startswith(VOLATILE)}
 
 
 def test_store_and_mlflow_hold_the_run(runs):

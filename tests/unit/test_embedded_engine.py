@@ -340,9 +340,9 @@ def test_release_memory_and_small_batches(tiny):
     _, _, engine = tiny["qwen2"]
     prompts = _prompts([4, 30, 8], 1000, seed=6)
     ref = engine.generate(_requests(prompts, temperature=0, max_new_tokens=6))
-    engine.release_memory()
+    assert engine.release_memory(["kv_cache"]) > 0
     assert engine._buffer.numel() == 0
-    engine.resume_memory()
+    engine.resume_memory(["kv_cache"])
     small = EmbeddedEngine(engine.arch, max_batch_size=1, max_batch_tokens=8, prefill_tokens=4)
     small.pause()
     small.update_weights(
@@ -356,3 +356,50 @@ def test_release_memory_and_small_batches(tiny):
     small.resume()
     for r, s in zip(ref, small.generate(_requests(prompts, temperature=0, max_new_tokens=6))):
         assert r.completions[0].token_ids == s.completions[0].token_ids
+
+
+def test_release_frees_weights_and_cache_for_real_and_the_sync_brings_them_back(tiny):
+    """The colocated hand-off on CPU: release frees parameter and cache storage, nothing
+    generates until a complete load is committed, and the reloaded engine equals the original."""
+    engine = EmbeddedEngine.from_hf(tiny["llama"][0], seed=0)
+    names = expected_hf_names(engine.arch)
+    prompts = _prompts([5, 9], 1000, seed=11)
+    ref = engine.generate(_requests(prompts, temperature=1.0, max_new_tokens=5, seed=3))
+    weights = {n: t.clone() for n, t in engine.get_weights(names).items()}
+    param_bytes = sum(t.untyped_storage().nbytes() for t in engine.decoder.base_tensors())
+    cache_bytes = engine._buffer.untyped_storage().nbytes()
+    assert cache_bytes > 0
+    freed = engine.release_memory()
+    assert freed == param_bytes + cache_bytes
+    assert all(t.untyped_storage().nbytes() == 0 for t in engine.decoder.base_tensors())
+    assert engine.release_memory() == 0  # already released: nothing more to free
+    with pytest.raises(EngineError, match="released"):
+        engine.generate(_requests(prompts, max_new_tokens=2))
+    engine.resume_memory(["weights"])
+    engine.pause()
+    half = names[: len(names) // 2]
+    engine.load_weights([WeightBucket.from_tensors([(n, weights[n]) for n in half])])
+    with pytest.raises(EngineError, match="misses"):
+        engine.commit_weights(engine.weight_version + 1)  # a partial load is never served
+    engine.load_weights([WeightBucket.from_tensors(list(weights.items()))])
+    engine.commit_weights(engine.weight_version + 1)
+    engine.resume()
+    with pytest.raises(EngineError, match="kv_cache"):
+        engine.generate(_requests(prompts, max_new_tokens=2))
+    engine.resume_memory(["kv_cache"])
+    again = engine.generate(_requests(prompts, temperature=1.0, max_new_tokens=5, seed=3))
+    for a, b in zip(ref, again):
+        assert [c.token_ids for c in a.completions] == [c.token_ids for c in b.completions]
+        assert [c.logprobs for c in a.completions] == [c.logprobs for c in b.completions]
+
+
+def test_commit_needs_resumed_weights(tiny):
+    engine = EmbeddedEngine.from_hf(tiny["qwen3"][0], seed=0)
+    engine.release_memory(["weights"])
+    engine.pause()
+    with pytest.raises(EngineError, match="released"):
+        engine.load_weights([])
+    with pytest.raises(EngineError, match="released"):
+        engine.commit_weights(engine.weight_version + 1)
+    engine.resume()
+    engine.resume_memory()

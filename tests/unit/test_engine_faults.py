@@ -25,6 +25,7 @@ class FlakyEngine(RolloutEngine):
         super().__init__("flaky-0")
         self.fail_times = fail_times
         self.calls = 0
+        self.commits: list[int] = []
 
     def _generate(self, requests):
         self.calls += 1
@@ -34,8 +35,11 @@ class FlakyEngine(RolloutEngine):
                                  [Completion([5], [-0.1], "stop", self.weight_version)])
                 for r in requests]  # fmt: skip
 
-    def _update_weights(self, buckets, version):
-        return None
+    def _load_weights(self, buckets):
+        self.loaded = list(buckets)
+
+    def _commit_weights(self, version):
+        self.commits.append(version)
 
     def get_weights(self, names):
         return {}
@@ -78,9 +82,16 @@ def test_guards():
     engine.update_weights([], version=1)
     with pytest.raises(EngineError, match="version 1 <= current 1"):
         engine.update_weights([], version=1)
+    with pytest.raises(EngineError, match="version 1 <= current 1"):
+        engine.commit_weights(1)
     engine.resume()
     with pytest.raises(EngineError, match="needs pause"):
         engine.update_weights([], version=2)
+    with pytest.raises(EngineError, match="needs pause"):
+        engine.commit_weights(2)
+    with pytest.raises(EngineError, match="needs pause"):
+        engine.load_weights([])
     assert engine.generate(REQUESTS)[0].completions[0].weight_version == 1
+    assert engine.commits == [1]  # one commit per version, however the buckets arrived
     with pytest.raises(ValueError, match="unique"):
         engine.generate([REQUESTS[0], REQUESTS[0]])

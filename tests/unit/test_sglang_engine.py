@@ -1,13 +1,12 @@
 """SGLang engine on CPU, up to the process boundary: exact /generate payloads, response parsing,
-routing, failures against real local HTTP servers (errors, hangs, deaths, recovery), the two
-weight transports' payloads, and a real gloo broadcast into a fake engine process."""
+routing, failures against real local HTTP servers (errors, hangs, deaths, recovery), the
+update session and version commit, the memory routes, and a real gloo broadcast into the fake
+server process (tests/fakes/sglang_server.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,24 +17,22 @@ import torch
 
 from megatron_mel.config import RolloutConfig, SGLangConfig
 from megatron_mel.rollout.engine import EngineError, GenerationRequest, SamplingParams, WeightBucket
+from megatron_mel.rollout.http import request_json
 from megatron_mel.rollout.sglang_engine import (
-    GPUBackendUnavailable,
     LeastOutstandingRouter,
     SGLangEngine,
     build_generate_payload,
-    launch_command,
-    launch_env,
     parse_generate_response,
 )
 from megatron_mel.rollout.sglang_weights import (
-    DistributedTransport,
+    GPUBackendUnavailable,
+    StageSender,
     bucket_metadata,
     distributed_request,
-    init_custom_process_group,
-    iter_buckets,
+    host_file_serializer,
     plan_weight_group,
+    read_host_file_entry,
     sglang_serializer,
-    with_last,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +47,8 @@ class FakeSGLang:
     def __init__(self, port: int = 0, *, delay: float = 0.0) -> None:
         self.mode, self.delay, self.hang_s = "ok", delay, 3.0
         self.version = "default"
+        self.sessions = True  # /begin_weight_update exists (SGLang >= 0.5.21)
+        self.legacy_version_route = False  # only /get_weight_version (SGLang < 0.5.6)
         self.calls: list[tuple[str, str, object]] = []
         self.flush_busy = 0  # answer 400 to this many /flush_cache calls first
         self.weights: dict[str, torch.Tensor] = {}
@@ -113,8 +112,14 @@ class FakeSGLang:
         ok = {"success": True, "message": "ok"}
         if route in self.STATIC:
             return 200, self.STATIC[route]
-        if route == "/get_weight_version":
+        if route == "/model_info" and not self.legacy_version_route:
+            return 200, {"model_path": "/m", "weight_version": self.version}
+        if route == "/get_weight_version" and self.legacy_version_route:
             return 200, {"weight_version": self.version}
+        if route in ("/begin_weight_update", "/end_weight_update") and self.sessions:
+            if self.mode == "fail_update":
+                return 400, {"success": False, "message": "boom"}
+            return 200, ok
         if route == "/generate":
             time.sleep(self.delay)
             pairs = zip(body["input_ids"], body["sampling_params"])
@@ -125,14 +130,9 @@ class FakeSGLang:
         if route == "/update_weight_version":
             self.version = body["new_version"]
             return 200, ok
-        if route == "/update_weights_from_tensor":
-            if self.mode == "fail_update":
-                return 400, {"success": False, "message": "boom"}
-            self.version = body.get("weight_version", self.version)
-            return 200, ok
         if route == "/get_weights_by_name" and body["name"] in self.weights:
             return 200, self.weights[body["name"]].tolist()[: body["truncate_size"]]
-        return 400, {"error": {"message": f"{route} failed"}}
+        return 404, {"detail": "Not Found"}
 
     def _complete(self, ids: list[int], sp: dict) -> dict:
         tokens = [100 + len(ids) + k for k in range(sp["max_new_tokens"])]
@@ -173,15 +173,11 @@ def servers():
 
 
 def engine_for(fakes, *, tp: int = 1, timeout: float = 5.0, placement="colocate", **kwargs):
-    cfg = RolloutConfig(
-        engine="sglang",
-        placement=placement,
-        sglang=SGLangConfig(urls=[f.url for f in fakes], engine_tp=tp, request_timeout_s=timeout),
-    )
     kwargs.setdefault("health_timeout_s", 2.0)
     kwargs.setdefault("control_timeout_s", 5.0)
     kwargs.setdefault("flush_timeout_s", 5.0)
-    return SGLangEngine(cfg, **kwargs)
+    return SGLangEngine([f.url for f in fakes], engine_tps=[tp] * len(fakes), placement=placement,
+                        request_timeout_s=timeout, **kwargs)  # fmt: skip
 
 
 def requests(count: int, **params) -> list[GenerationRequest]:
@@ -251,24 +247,6 @@ def test_parse_response_finish_reasons_logprobs_and_n():
 def test_parse_response_rejects(body, n, problem):
     with pytest.raises(ValueError, match=problem):
         parse_generate_response(body, n, version=5, expected_server_version="5")
-
-
-def test_launch_command_and_env():
-    cmd = launch_command(
-        "/m", host="127.0.0.1", port=30001, tp=2, mem_fraction_static=0.4, colocate=True,
-        deterministic=True, base_gpu_id=2, seed=9, extra_args=["--dtype", "bfloat16"],
-    )  # fmt: skip
-    assert cmd[:3] == [sys.executable, "-m", "sglang.launch_server"]
-    flags = " ".join(cmd[3:])
-    for part in ("--model-path /m", "--tp-size 2", "--mem-fraction-static 0.4", "--port 30001",
-                 "--host 127.0.0.1", "--base-gpu-id 2", "--random-seed 9",
-                 "--enable-memory-saver", "--enable-deterministic-inference",
-                 "--dtype bfloat16"):  # fmt: skip
-        assert part in flags
-    plain = launch_command("/m", host="h", port=1, tp=1, mem_fraction_static=0.5, colocate=False)
-    assert "--enable-memory-saver" not in plain and "--enable-deterministic-inference" not in plain
-    env = launch_env({"PATH": "/bin", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
-    assert env["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1" and "PYTORCH_CUDA_ALLOC_CONF" not in env
 
 
 def test_router_least_outstanding_and_health():
@@ -363,16 +341,34 @@ def test_completed_results_are_kept_for_the_retry(servers):
     assert total == 4 + len(lost)
 
 
+def _commit(engine, version):
+    """The driver's part of a sync: open the update, (buckets travel elsewhere), commit."""
+    engine.pause()
+    engine.flush()
+    engine.begin_weight_update()
+    engine.commit_weights(version)
+    engine.resume()
+
+
 def test_server_that_missed_an_update_is_not_readmitted(servers):
     a, b = servers(2)
-    engine = engine_for([a, b], serializer=lambda bucket: "handle")
+    engine = engine_for([a, b])
     engine.router.mark_unhealthy(b.url, "lost earlier")
-    engine.pause()
-    engine.update_weights([WeightBucket.from_tensors([("w", torch.ones(2))])], 1)
-    engine.resume()
+    _commit(engine, 1)
     assert a.version == "1" and b.version == "default"
     engine.generate(requests(2))
     assert b.url in engine.router.unhealthy and "expected '1'" in engine.router.unhealthy[b.url]
+
+
+def test_version_is_read_from_model_info_or_the_legacy_route(servers):
+    new, old = servers(2)
+    old.legacy_version_route = True
+    old.version = "7"
+    engine = engine_for([new, old])
+    assert engine._server_version(new.url) == "default"
+    assert engine._server_version(old.url) == "7"
+    assert old.routes("/model_info") and old.routes("/get_weight_version")  # 404, then fallback
+    assert not new.routes("/get_weight_version")
 
 
 def test_scaled_logprob_servers_refuse_other_temperatures(servers):
@@ -394,16 +390,26 @@ def test_pause_flush_resume_and_memory_routes(servers):
     engine.pause()
     engine.flush()
     engine.resume()
-    engine.release_memory()
+    assert engine.release_memory() == 0  # SGLang does not say what it freed
+    with pytest.raises(EngineError, match="released"):
+        engine.generate(requests(1))
     engine.resume_memory(["weights"])
     engine.resume_memory()
     for fake in fakes:
         assert fake.routes("/pause_generation") == [{"mode": "abort"}]
         assert fake.routes("/continue_generation") == [{}]
-        assert fake.routes("/release_memory_occupation") == [{"tags": None}]
-        assert fake.routes("/resume_memory_occupation") == [{"tags": ["weights"]}, {"tags": None}]
+        # Our KV cache is SGLang's kv_cache with its CUDA graphs; a resume names exactly what
+        # was released and not resumed yet.
+        assert fake.routes("/release_memory_occupation") == [
+            {"tags": ["weights", "kv_cache", "cuda_graph"]}
+        ]
+        assert fake.routes("/resume_memory_occupation") == [
+            {"tags": ["weights"]},
+            {"tags": ["kv_cache", "cuda_graph"]},
+        ]
     assert len(fakes[0].routes("/flush_cache")) == 4  # 2 refused + flush + release's flush
     assert len(fakes[1].routes("/flush_cache")) == 2
+    assert len(engine.generate(requests(1))) == 1
 
 
 def test_control_failure_names_server(servers):
@@ -415,58 +421,42 @@ def test_control_failure_names_server(servers):
     assert info.value.engine == bad.url and not engine.paused
 
 
-# -- weights through the engine --------------------------------------------------------------
+# -- the update session and the one commit -----------------------------------------------------
 
 
-def _buckets():
-    b1 = WeightBucket.from_tensors(
-        [("a.weight", torch.arange(6.0).view(2, 3)), ("a.bias", torch.ones(3))]
-    )
-    b2 = WeightBucket.from_tensors([("b.weight", torch.zeros(4, dtype=torch.bfloat16))])
-    return [b1, b2]
-
-
-def test_colocated_update_sends_one_payload_per_tp_rank(servers):
-    fakes = servers(2)
-    made = []
-
-    def serializer(bucket):
-        made.append(bucket)
-        return f"handle-{len(made)}"
-
-    engine = engine_for(fakes, tp=2, serializer=serializer)
+def test_commit_opens_and_closes_sessions_and_stamps_once(servers):
+    new, old = servers(2)
+    old.sessions = False  # before SGLang 0.5.21: /begin_weight_update is a 404
+    engine = engine_for([new, old])
     with pytest.raises(EngineError, match="pause"):
-        engine.update_weights(_buckets(), 1)
-    engine.pause()
-    engine.update_weights(iter(_buckets()), 1)  # a generator: the last bucket is found by lookahead
-    engine.resume()
-    assert engine.weight_version == 1 and len(made) == 2 * 2 * 2  # engines x tp x buckets
-    for fake in fakes:
-        first, last = fake.routes("/update_weights_from_tensor")
-        assert (
-            first["load_format"] == "flattened_bucket"
-            and len(first["serialized_named_tensors"]) == 2
-        )
-        assert first["flush_cache"] is False and "weight_version" not in first
-        assert last["flush_cache"] is True and last["weight_version"] == "1"
-        assert fake.version == "1"
+        engine.commit_weights(1)
+    _commit(engine, 1)
+    assert engine.weight_version == 1
+    assert len(new.routes("/begin_weight_update")) == 1 and new.routes("/end_weight_update") == [{}]
+    assert len(old.routes("/begin_weight_update")) == 1 and not old.routes("/end_weight_update")
+    stamp = {"new_version": "1", "abort_all_requests": False}
+    for fake in (new, old):
+        assert fake.routes("/update_weight_version") == [stamp] and fake.version == "1"
     results = engine.generate(requests(2))  # the servers now report version "1", as expected
     assert all(c.weight_version == 1 for r in results for c in r.completions)
+    with pytest.raises(EngineError, match="this engine receives weights from its transport"):
+        engine.pause()
+        engine.load_weights([WeightBucket.from_tensors([("w", torch.ones(2))])])
+    engine.resume()
 
 
-def test_failed_update_takes_the_server_out_and_empty_update_stamps(servers):
+def test_failed_update_takes_the_server_out(servers):
     good, bad = servers(2)
-    engine = engine_for([good, bad], serializer=lambda bucket: "h")
+    engine = engine_for([good, bad])
     bad.mode = "fail_update"
     engine.pause()
     with pytest.raises(EngineError, match="boom") as info:
-        engine.update_weights(_buckets(), 1)
+        engine.begin_weight_update()
     assert info.value.engine == bad.url and engine.weight_version == 0
-    assert bad.url in engine.router.unhealthy  # it holds a mix of weights now
-    engine.update_weights([], 3)  # nothing to send: flush and stamp the version
-    stamp = {"new_version": "3", "abort_all_requests": False}
-    assert good.routes("/update_weight_version") == [stamp] and good.version == "3"
-    assert good.routes("/flush_cache") and not bad.routes("/update_weight_version")
+    assert bad.url in engine.router.unhealthy  # it may hold a mix of weights now
+    engine.commit_weights(3)
+    assert good.version == "3" and not bad.routes("/update_weight_version")
+    engine.resume()
 
 
 def test_get_weights_returns_the_truncated_prefix(servers):
@@ -485,28 +475,38 @@ def test_get_weights_returns_the_truncated_prefix(servers):
 # -- pure transport parts --------------------------------------------------------------------
 
 
-def test_bucket_metadata_and_distributed_request():
+def _buckets():
+    b1 = WeightBucket.from_tensors(
+        [("a.weight", torch.arange(6.0).view(2, 3)), ("a.bias", torch.ones(3))]
+    )
+    b2 = WeightBucket.from_tensors([("b.weight", torch.zeros(4, dtype=torch.bfloat16))])
+    return [b1, b2]
+
+
+def test_bucket_metadata_counts_bytes_and_requests_stamp_nothing():
+    """SGLang's flattened bucket is uint8 with byte offsets (weight_sync/tensor_bucket.py)."""
     b1, b2 = _buckets()
     meta = [(m["name"], m["shape"], m["dtype"], m["start_idx"], m["end_idx"], m["numel"])
             for m in bucket_metadata(b1)]  # fmt: skip
-    assert meta == [("a.weight", [2, 3], torch.float32, 0, 6, 6),
-                    ("a.bias", [3], torch.float32, 6, 9, 3)]  # fmt: skip
-    assert set(bucket_metadata(b1)[0]) == {
-        "name",
-        "shape",
-        "dtype",
-        "start_idx",
-        "end_idx",
-        "numel",
-    }
-    body = distributed_request(
-        b2, "mel-pp0", flush_cache=True, weight_version="2", load_format="flattened_bucket"
-    )
+    assert meta == [("a.weight", [2, 3], torch.float32, 0, 24, 24),
+                    ("a.bias", [3], torch.float32, 24, 36, 12)]  # fmt: skip
+    assert [m["end_idx"] for m in bucket_metadata(b2)] == [8]
+    body = distributed_request(b2, "mel-pp0")
     assert body == {"names": ["b.weight"], "dtypes": ["bfloat16"], "shapes": [[4]], "group_name": "mel-pp0",
-                    "flush_cache": True, "load_format": "flattened_bucket", "weight_version": "2"}  # fmt: skip
-    plain = distributed_request(b1, "g", flush_cache=False, weight_version=None, load_format=None)
+                    "flush_cache": False, "load_format": "flattened_bucket"}  # fmt: skip
+    plain = distributed_request(b1, "g", load_format=None)
     assert "load_format" not in plain and "weight_version" not in plain
     assert plain["dtypes"] == ["float32", "float32"]
+
+
+def test_host_file_entries_round_trip_bytes_and_sender(tmp_path):
+    b1, b2 = _buckets()
+    serialize = host_file_serializer(tmp_path)
+    for bucket in (b1, b2):
+        tensors, sender = read_host_file_entry(serialize(bucket))
+        assert [n for n, _ in tensors] == [e.name for e in bucket.entries]
+        assert all(torch.equal(t, ref) for (_, t), (_, ref) in zip(tensors, bucket.tensors()))
+        assert set(sender) == {"rank", "host"}
 
 
 def test_group_plan_order_and_rank_offsets():
@@ -521,137 +521,82 @@ def test_group_plan_order_and_rank_offsets():
         plan_weight_group(["a"], [1, 2], stage=0, master_address="x", master_port=1)
 
 
-def test_iter_buckets_chunks_by_dtype_and_size():
-    named = [
-        ("a", torch.zeros(10)),  # 40 bytes
-        ("h", torch.zeros(4, dtype=torch.bfloat16)),  # 8 bytes
-        ("b", torch.zeros(10)),
-        ("big", torch.zeros(30)),  # 120 bytes > cap: a bucket of its own
-        ("c", torch.zeros(5)),
-    ]
-    buckets = list(iter_buckets(named, max_bytes=100))
-    assert [[e.name for e in b.entries] for b in buckets] == [["a", "b"], ["big"], ["c"], ["h"]]
-    assert all(
-        b.flat.dtype == (torch.bfloat16 if b.entries[0].name == "h" else torch.float32)
-        for b in buckets
-    )
-    assert [x for x, _ in with_last([])] == [] and list(with_last("ab")) == [
-        ("a", False),
-        ("b", True),
-    ]
-
-
-def test_gpu_paths_explain_themselves_without_cuda_or_sglang():
+def test_gpu_paths_explain_themselves_without_cuda_or_sglang(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    cfg = RolloutConfig(engine="sglang")
+    from megatron_mel.rollout.placement import EngineSlot
+    from megatron_mel.rollout.servers import NodeServers
+
+    slot = EngineSlot(index=0, node=0, gpus=(0,), host="127.0.0.1", port=30000)
+    servers = NodeServers([slot], RolloutConfig(engine="sglang", sglang=SGLangConfig()),
+                          model_path="/models/x", seed=0, log_dir=tmp_path)  # fmt: skip
     with pytest.raises(
-        GPUBackendUnavailable, match=r"pip install -e \.\[gpu\].*rollout.engine: embedded"
+        GPUBackendUnavailable, match=r"pip install -e \.\[sglang\].*rollout.engine: embedded"
     ):
-        SGLangEngine(cfg, model_path="/models/x")
+        servers.start()
     with pytest.raises(GPUBackendUnavailable, match="CUDA"):
         sglang_serializer()
     with pytest.raises(GPUBackendUnavailable):
-        DistributedTransport(["http://x"], [1], backend="nccl").connect()
+        StageSender(["http://x"], [1], stage=0, master_address="127.0.0.1").connect()
 
 
-# -- a real broadcast (gloo) into a fake engine process ---------------------------------------
+# -- a real broadcast (gloo) into the fake server process ------------------------------------
 
 
-def _fake_receiver_main(port_file: str) -> None:
-    """A fake disaggregated SGLang server: joins weight groups and receives buckets the way
-    SGLang's model runner does (one flat buffer in order, or one broadcast per tensor)."""
-    import torch.distributed as dist
+def test_stage_sender_broadcasts_uint8_buckets_over_gloo(tiny_models, tmp_path, monkeypatch):
+    """The NCCL path on gloo: one group per stage, one uint8 broadcast per bucket, destroyed on
+    close; the fake joins the group like SGLang's model runner and serves what it received."""
+    from safetensors.torch import load_file
 
-    groups, weights = {}, {}
+    from megatron_mel.convert.mapping import expected_hf_names
+    from megatron_mel.rollout.placement import EngineSlot
+    from megatron_mel.rollout.servers import NodeServers
 
-    def answer(route, body):
-        if route == "/init_weights_update_group":
-            groups[body["group_name"]] = init_custom_process_group(
-                backend=body["backend"], world_size=body["world_size"], rank=body["rank_offset"],
-                init_method=f"tcp://{body['master_address']}:{body['master_port']}",
-                group_name=body["group_name"], timeout=60,
-            )  # fmt: skip
-            return {"success": True, "message": "ok"}
-        if route == "/update_weights_from_distributed":
-            group = groups[body["group_name"]]
-            empties = [
-                torch.empty(s, dtype=getattr(torch, d))
-                for s, d in zip(body["shapes"], body["dtypes"])
-            ]
-            if body.get("load_format") == "flattened_bucket":
-                flat = torch.cat([t.reshape(-1) for t in empties])
-                dist.broadcast(flat, src=0, group=group)
-                received, offset = [], 0
-                for t in empties:
-                    received.append(flat[offset : offset + t.numel()].view(t.shape))
-                    offset += t.numel()
-            else:
-                received = empties
-                for t in received:
-                    dist.broadcast(t, src=0, group=group)
-            weights.update(zip(body["names"], received))
-            return {"success": True, "message": "ok"}
-        if route == "/get_weights_by_name":
-            return weights[body["name"]].float().tolist()[: body["truncate_size"]]
-        if route == "/destroy_weights_update_group":
-            dist.destroy_process_group(groups.pop(body["group_name"]))
-            return {"success": True, "message": "ok"}
-        if route == "/get_weight_version":
-            return {"weight_version": "default"}
-        return {"status": "ok"}
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            _reply(self, 200, answer(self.path, None))
-
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            _reply(
-                self,
-                200,
-                answer(self.path, json.loads(self.rfile.read(length)) if length else None),
-            )
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    Path(port_file).write_text(str(server.server_address[1]))
-    server.serve_forever()
-
-
-def test_disaggregated_broadcast_over_gloo(tmp_path):
-    port_file = tmp_path / "port"
-    code = f"from tests.unit.test_sglang_engine import _fake_receiver_main; _fake_receiver_main({str(port_file)!r})"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+    model = tiny_models["qwen2"]
+    slot = EngineSlot(index=0, node=0, gpus=(0,), host="127.0.0.1", port=_free_port())
+    cfg = RolloutConfig(engine="sglang", placement="disaggregate",
+                        sglang=SGLangConfig(server_module="tests.fakes.sglang_server", launch_timeout_s=120))  # fmt: skip
+    servers = NodeServers([slot], cfg, model_path=str(model), seed=0, log_dir=tmp_path)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    )
+    servers.start()
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists() or not port_file.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, "fake engine did not start"
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{port_file.read_text()}"
-        fake = type("F", (), {"url": url})()
-        engine = engine_for(
-            [fake], placement="disaggregate", weight_backend="gloo", truncate_size=1000
+        weights = load_file(model / "model.safetensors")
+        names = [n for n in expected_hf_names(_arch(model)) if n in weights]
+        changed = {n: weights[n] + 0.5 for n in names}
+        half = len(names) // 2
+        request_json("POST", slot.url + "/pause_generation", {"mode": "abort"}, timeout=30)
+        senders = [
+            StageSender(
+                [slot.url], [1], stage=s, master_address="127.0.0.1", backend="gloo", timeout_s=60
+            )
+            for s in (0, 1)
+        ]
+        for stage, part in ((0, names[:half]), (1, names[half:])):
+            senders[stage].send(WeightBucket.from_tensors([(n, changed[n]) for n in part]), 0)
+        assert senders[1].plan.group_name == "mel-pp1"
+        request_json("POST", slot.url + "/update_weight_version", {"new_version": "1"}, timeout=30)
+        request_json(
+            "POST", slot.url + "/mel_fake/dump", {"path": str(tmp_path / "w.pt")}, timeout=60
         )
-        engine.pause()
-        engine.update_weights(_buckets(), 1)  # group mel-pp0, one broadcast per bucket
-        got = engine.get_weights(["a.weight", "a.bias", "b.weight"])
-        assert torch.equal(got["a.weight"], torch.arange(6.0).view(2, 3))
-        assert torch.equal(got["a.bias"], torch.ones(3)) and torch.equal(
-            got["b.weight"], torch.zeros(4)
-        )
-        # A second pipeline stage: its own group, one broadcast per tensor.
-        sender = engine.weight_sender(stage=1, load_format=None)
-        stage1 = WeightBucket.from_tensors([("c.weight", torch.full((3, 2), 2.5))])
-        assert sender.send([stage1], None) == 1 and sender.plan.group_name == "mel-pp1"
-        assert torch.equal(engine.get_weights(["c.weight"])["c.weight"], torch.full((3, 2), 2.5))
-        sender.close()
-        engine.update_weights([], 2)  # stages sent their own buckets: stamp the version only
-        engine.resume()
-        engine.shutdown()
+        served = torch.load(tmp_path / "w.pt")
+        assert all(torch.equal(served[n], changed[n]) for n in names)
+        for sender in senders:
+            sender.close()
+        state = request_json("GET", slot.url + "/mel_fake/state", timeout=30)
+        assert state["distributed_updates"] == 2 and state["commits"] == ["1"]
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        servers.close()
+
+
+def _free_port() -> int:
+    from megatron_mel.rollout.sglang_weights import free_port
+
+    return free_port()
+
+
+def _arch(model):
+    from megatron_mel.models.arch import load_arch
+
+    return load_arch(model)

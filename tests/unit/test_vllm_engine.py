@@ -274,7 +274,10 @@ def test_flush_release_resume_memory():
     engine.release_memory()
     engine.resume_memory()
     assert ("sleep", 2) in llm.calls and ("wake_up", ["weights"]) in llm.calls
-    assert ("wake_up", ["kv_cache"]) in llm.calls and ("wake_up", None) in llm.calls
+    assert ("wake_up", ["kv_cache"]) in llm.calls and (
+        "wake_up",
+        ["weights", "kv_cache"],
+    ) in llm.calls
     assert llm.names().count("reset_prefix_cache") == 3  # flush + two releases
 
 
@@ -282,8 +285,42 @@ def test_vllm_without_cuda_explains_itself():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(
-        GPUBackendUnavailable, match=r"pip install -e \.\[gpu\].*rollout.engine: embedded"
+        GPUBackendUnavailable,
+        match=r"pip install -e \.\[sglang\]` or `\.\[vllm\].*rollout.engine: embedded",
     ):
         VLLMEngine("/models/x")
     with pytest.raises(ValueError, match="sampling_params_cls"):
         VLLMEngine(llm=FakeLLM())
+
+
+def test_vllm_runs_in_a_process_of_its_own(tmp_path):
+    """The default: the LLM lives in a child process (a multi-rank job would hang in vLLM's
+    new_group otherwise); calls, weight buckets and sleep/wake cross the process boundary."""
+    import os
+
+    from megatron_mel.rollout.vllm_host import spawn_llm
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "3", "WORLD_SIZE": "8"}
+    remote = spawn_llm({"workers": 2}, env=env, log_dir=tmp_path,
+                       factory="tests.unit.test_vllm_engine:FakeLLM", params_factory="builtins:dict")  # fmt: skip
+    engine = VLLMEngine(llm=remote, sampling_params_cls=dict, weight_transport="cpu")
+    try:
+        (result,) = engine.generate(
+            [GenerationRequest("a", [1, 2], SamplingParams(n=2, stop_token_ids=(7,)))]
+        )
+        assert [c.token_ids for c in result.completions] == [[2, 7], [3, 7]]
+        buckets = hf_buckets()
+        engine.pause()
+        engine.update_weights(buckets, 1)
+        engine.resume()
+        expected = dict(t for b in buckets for t in b.tensors())
+        got = engine.get_weights(list(expected))
+        assert all(torch.equal(got[n], t) for n, t in expected.items())
+        engine.release_memory()
+        engine.resume_memory()
+        with pytest.raises(EngineError, match="unknown method"):
+            remote._call("not_a_method")
+    finally:
+        engine.shutdown()
+    assert remote.proc.poll() is not None

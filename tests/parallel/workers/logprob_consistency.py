@@ -19,11 +19,12 @@ def main() -> None:
     from megatron_mel.data.prompts import PromptFormatter
     from megatron_mel.models.arch import load_arch
     from megatron_mel.models.gpt import build_model_chunks
+    from megatron_mel.platform import from_driver
     from megatron_mel.rollout.embedded import EmbeddedEngine
     from megatron_mel.rollout.engine import SamplingParams
     from megatron_mel.rollout.groups import generate_groups
     from megatron_mel.trainer.actor import ActorSettings, build_actor
-    from megatron_mel.trainer.phases import from_driver, logprob_mismatch
+    from megatron_mel.trainer.phases import logprob_mismatch
 
     out, hf_dir = sys.argv[1], sys.argv[2]
     parallel = ParallelConfig()

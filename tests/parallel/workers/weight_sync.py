@@ -63,16 +63,16 @@ def main() -> None:
 
     # A transport that corrupts one tensor must stop training: every rank raises.
     if ctx.rank == 0:
-        original = engine._update_weights
+        original = engine._load_weights
 
-        def corrupting(buckets, version):
-            original(buckets, version)
+        def corrupting(buckets):
+            original(buckets)
             names = expected_hf_names(arch)
             current = engine.get_weights(names)
             current[names[-1]] = current[names[-1]] + 1e-3
-            original([WeightBucket.from_tensors([(n, current[n]) for n in names])], version)
+            original([WeightBucket.from_tensors([(n, current[n]) for n in names])])
 
-        engine._update_weights = corrupting
+        engine._load_weights = corrupting
     try:
         sync.sync(version=2)
         outcome = "no error"
