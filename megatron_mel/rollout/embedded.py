@@ -221,6 +221,8 @@ class EmbeddedEngine(RolloutEngine):
                 self._written = set()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        else:
+            platform.release_host_memory()  # freed tensors stay resident otherwise
         return freed
 
     def _resume_memory(self, tags: tuple[str, ...]) -> None:

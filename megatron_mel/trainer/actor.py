@@ -365,6 +365,8 @@ class Actor(PolicyRunner):
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.device.type == "cpu":
+            platform.release_host_memory()  # the step's activations, before the engine's turn
         return metrics
 
     def _check_finite(self, records: list[dict[str, Any]], step: int) -> None:
