@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +67,6 @@ from megatron_mel.rollout.engine import (
     SamplingParams,
     WeightBucket,
 )
-
 
 # Shorter common prefixes are prefilled with each prompt: one more forward is not worth it.
 MIN_SHARED_PREFIX = 16
@@ -302,7 +300,9 @@ class EmbeddedEngine(RolloutEngine):
         if len(runs) < 2:
             return None
         prompts = [rows[r0].prompt for r0, _ in runs]
-        length = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+        length = min(map(len, prompts)) - 1  # each prompt keeps a token of its own
+        for prompt in prompts[1:]:
+            length = next((i for i in range(length) if prompt[i] != prompts[0][i]), length)
         if length < MIN_SHARED_PREFIX:
             return None
         first = runs[0][0]

@@ -276,7 +276,7 @@ def test_mixed_prompt_lengths_match_running_alone(tiny):
 def test_shared_prefix_prefill_matches_running_alone(tiny, family):
     """Prompts with a common 30-token head (of different lengths, some with several samples):
     the head is prefilled once for the batch; tokens and log-probs equal each prompt alone."""
-    path, model, engine = tiny[family]
+    _, model, engine = tiny[family]
     head = _prompts([30], 1000, seed=5)[0]
     tails = _prompts([1, 12, 5, 20], 1000, seed=6)
     prompts = [head + tail for tail in tails]
