@@ -10,13 +10,14 @@ same sequence, so for a sample with context length p and n tokens, positions p-1
 the loss of targets p .. n-1, and the last position of every sequence carries none. Nothing ever
 predicts across a sequence boundary.
 
-Shared contexts (``share_prefixes``). The G responses of a prompt have the same context; packed
-one by one, the prompt's tokens run through the model G times. With sharing, such a unit is
-packed as the context minus its last token once, then per sample a continuation segment of
-[last context token, targets...] that attends to the shared part first (models/attention.py,
+Shared prefixes (``share_prefixes``). The G responses of a prompt have the same context, and
+meta-experiences share their long instruction template; packed one by one, those tokens run
+through the model once per sample. With sharing, samples whose contexts start alike form a
+unit (:func:`prefix_units`): the common prefix once, then per sample a continuation segment
+with the rest of its tokens that attends to the shared part first (models/attention.py,
 PackedSegments) at RoPE positions continuing it. Each target sees exactly the context it would
-see alone, and a group of G costs p - 1 + sum(n_i - p + 1) tokens instead of sum(n_i). Units
-are never split across micro-batches or data-parallel ranks.
+see alone; a group of G with a prompt of p tokens costs p - 1 + sum(n_i - p + 1) tokens instead
+of sum(n_i). Units are never split across micro-batches or data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -141,46 +142,89 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int
     return packs
 
 
-def prefix_units(samples: Sequence[TrainSample], share: bool) -> list[list[int]]:
-    """Indices of ``samples`` grouped into packing units, in order of first appearance.
+@dataclass(slots=True)
+class PackUnit:
+    """Samples packed together: the first ``shared`` tokens of their (common) context once,
+    then each sample's remaining tokens as a continuation; ``shared == 0``: one sample alone."""
 
-    With ``share``, samples with the same context (of at least 2 tokens) form one unit: the
-    context is packed once and each sample's targets continue it (module docstring). Otherwise,
-    and for a context no other sample has, every sample is its own unit.
+    indices: list[int]
+    shared: int = 0
+
+
+# A shared prefix costs one more segment (an attention call); below this it is not worth it.
+MIN_SHARED_PREFIX = 4
+
+
+def prefix_units(
+    samples: Sequence[TrainSample], share: bool, max_tokens: int | None = None
+) -> list[PackUnit]:
+    """``samples`` grouped into packing units, in order of first appearance.
+
+    Without ``share`` every sample is its own unit. With it, a sample joins the unit whose
+    shared prefix has the longest common prefix with its context if that saves tokens (the G
+    responses of a prompt share all of it; meta-experiences share their instruction template),
+    and the unit stays within ``max_tokens``. The shared part stops one token short of every
+    member's context: the last context token starts each continuation, so its hidden state
+    predicts the first target and labels never cross a segment boundary.
     """
-    if not share:
-        return [[i] for i in range(len(samples))]
-    units: dict[tuple[int, ...] | int, list[int]] = {}
+    units: list[PackUnit] = []
+    heads: list[list[int]] = []  # each unit's candidate prefix (the first member's context)
     for i, sample in enumerate(samples):
-        key = tuple(sample.tokens[: sample.num_context]) if sample.num_context >= 2 else -1 - i
-        units.setdefault(key, []).append(i)
-    return list(units.values())
+        best, best_gain = None, 0
+        if share:
+            context = sample.tokens[: sample.num_context - 1]
+            for u, unit in enumerate(units):
+                head = heads[u]
+                limit = min(len(head), len(context))
+                common = next((k for k in range(limit) if head[k] != context[k]), limit)
+                if common < MIN_SHARED_PREFIX:
+                    continue
+                members = len(unit.indices)
+                shared = unit.shared if members > 1 else len(head)
+                new_shared = min(shared, common)
+                # Tokens saved by the unit with this sample, minus those it saves now.
+                gain = new_shared * members - shared * (members - 1)
+                total = sum(len(samples[j].tokens) for j in unit.indices) + len(sample.tokens)
+                grown = total - new_shared * members
+                if gain > best_gain and (max_tokens is None or grown <= max_tokens):
+                    best, best_gain = u, gain
+        if best is None:
+            units.append(PackUnit([i]))
+            heads.append(sample.tokens[: sample.num_context - 1])
+            continue
+        unit = units[best]
+        head = heads[best]
+        shared = unit.shared if len(unit.indices) > 1 else len(head)
+        context = sample.tokens[: sample.num_context - 1]
+        limit = min(shared, len(context))
+        unit.shared = next((k for k in range(limit) if head[k] != context[k]), limit)
+        unit.indices.append(i)
+    return units
 
 
-def unit_tokens(samples: Sequence[TrainSample], unit: Sequence[int]) -> int:
-    """Packed length of a unit: a shared context of p tokens costs p - 1 once, and each sample
-    the token before its targets plus its targets."""
-    if len(unit) == 1:
-        return len(samples[unit[0]].tokens)
-    context = samples[unit[0]].num_context
-    return context - 1 + sum(samples[i].num_targets + 1 for i in unit)
+def unit_tokens(samples: Sequence[TrainSample], unit: PackUnit) -> int:
+    """Packed length of a unit: its shared prefix once, then each member without it."""
+    if len(unit.indices) == 1:
+        return len(samples[unit.indices[0]].tokens)
+    return unit.shared + sum(len(samples[i].tokens) - unit.shared for i in unit.indices)
 
 
-def _segments(samples: Sequence[TrainSample], units: Sequence[Sequence[int]]) -> list[tuple]:
+def _segments(samples: Sequence[TrainSample], units: Sequence[PackUnit]) -> list[tuple]:
     """(tokens, num_context, sample index or None, first position, prefix segment or -1)."""
     segments: list[tuple] = []
     for unit in units:
-        first = samples[unit[0]]
-        if len(unit) == 1:
-            segments.append((first.tokens, first.num_context, unit[0], 0, -1))
+        if len(unit.indices) == 1:
+            only = samples[unit.indices[0]]
+            segments.append((only.tokens, only.num_context, unit.indices[0], 0, -1))
             continue
-        p = first.num_context
+        shared = unit.shared
         prefix = len(segments)
-        segments.append((first.tokens[: p - 1], p - 1, None, 0, -1))
-        for i in unit:
-            # The last context token starts the continuation: its hidden state predicts the
-            # first target, so labels never cross a segment boundary.
-            segments.append((samples[i].tokens[p - 1 :], 1, i, p - 1, prefix))
+        segments.append((samples[unit.indices[0]].tokens[:shared], shared, None, 0, -1))
+        for i in unit.indices:
+            sample = samples[i]
+            segments.append(
+                (sample.tokens[shared:], sample.num_context - shared, i, shared, prefix)
+            )
     return segments
 
 
@@ -198,7 +242,17 @@ def pack_samples(
     pack length divides it (sequence parallelism needs the token count divisible by TP).
     """
     chosen = [samples[i] for i in indices]
-    units = [[indices[k] for k in unit] for unit in prefix_units(chosen, share_prefixes)]
+    units = [
+        PackUnit([indices[k] for k in unit.indices], unit.shared)
+        for unit in prefix_units(chosen, share_prefixes)
+    ]
+    return _pack_units(samples, units, pad_to_multiple)
+
+
+def _pack_units(
+    samples: Sequence[TrainSample], units: Sequence[PackUnit], pad_to_multiple: int
+) -> TrainMicroBatch:
+    indices = [i for unit in units for i in unit.indices]
     ids: list[int] = []
     positions: list[int] = []
     labels: list[int] = []
@@ -300,32 +354,33 @@ def pack_micro_batches(
     share_prefixes: bool = False,
 ) -> list[TrainMicroBatch]:
     """All of ``samples`` as THD micro-batches of at most ``max_tokens`` tokens each; a unit of
-    samples sharing a context (:func:`prefix_units`) is never split across micro-batches."""
-    units = prefix_units(samples, share_prefixes)
+    samples sharing a prefix (:func:`prefix_units`) is never split across micro-batches."""
+    units = prefix_units(samples, share_prefixes, max_tokens)
     plan = plan_micro_batches([unit_tokens(samples, u) for u in units], max_tokens)
-    return [
-        pack_samples(samples, [i for u in group for i in units[u]],
-                     pad_to_multiple=pad_to_multiple, share_prefixes=share_prefixes)
-        for group in plan
-    ]  # fmt: skip
+    return [_pack_units(samples, [units[u] for u in group], pad_to_multiple) for group in plan]
 
 
 def shard_for_data_parallel(
-    samples: Sequence[TrainSample], dp_rank: int, dp_size: int, *, share_prefixes: bool = False
+    samples: Sequence[TrainSample],
+    dp_rank: int,
+    dp_size: int,
+    *,
+    share_prefixes: bool = False,
+    max_tokens: int | None = None,
 ) -> list[TrainSample]:
     """This rank's share: packing units (:func:`prefix_units`) dealt longest-first to the rank
     with the fewest tokens, returned in their original order.
 
     Deterministic, so every rank computes the same assignment without communication.
     """
-    units = prefix_units(samples, share_prefixes)
+    units = prefix_units(samples, share_prefixes, max_tokens)
     sizes = [unit_tokens(samples, unit) for unit in units]
     order = sorted(range(len(units)), key=lambda u: (-sizes[u], u))
     loads = [0] * dp_size
     owner = [0] * len(samples)
     for u in order:
         rank = min(range(dp_size), key=lambda r: (loads[r], r))
-        for index in units[u]:
+        for index in units[u].indices:
             owner[index] = rank
         loads[rank] += sizes[u]
     return [s for i, s in enumerate(samples) if owner[i] == dp_rank]

@@ -331,6 +331,7 @@ class Actor(PolicyRunner):
         local = shard_for_data_parallel(
             samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
             share_prefixes=self.share_prefixes,
+            max_tokens=micro_batch_tokens or self.micro_batch_tokens,
         )  # fmt: skip
         assign_token_weights(local, spec, ps.get_data_parallel_group())
         micro_batches = self._pack(local, micro_batch_tokens)

@@ -21,5 +21,6 @@ def test_shared_prefixes_change_nothing_but_the_token_count(tiny_models, tmp_pat
     assert result["nll_loss"][1] == pytest.approx(result["nll_loss"][0], rel=1e-6)
     assert result["max_rel_grad_diff"] <= 1e-5
     assert result["lengths_match"] and result["max_logprob_diff"] <= 1e-5
-    # 2 prompts of 5 and 8 tokens, 4 responses each: (5 - 1) * 3 + (8 - 1) * 3 = 33 fewer.
-    assert result["tokens"] == [155, 122]
+    # 2 prompts of 5 and 8 tokens, 4 responses each: (5 - 1) * 3 + (8 - 1) * 3 = 33 fewer;
+    # 3 meta-experience contexts with a common 12-token head: 2 * 12 fewer.
+    assert result["tokens"] == [155 + 36, 155 + 36 - 33 - 24]

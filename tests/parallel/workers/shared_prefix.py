@@ -2,7 +2,7 @@
 
 argv: OUT_DIR HF_DIR TP PP
 The batch (actor_invariance.global_batch) holds 2 prompts x 4 responses, so sharing packs each
-prompt once. Rank 0 writes OUT_DIR/shared-tp<TP>-pp<PP>.json: both losses, the packed token
+prompt once, and 3 meta-experiences whose contexts start with the same 12 tokens. Rank 0 writes OUT_DIR/shared-tp<TP>-pp<PP>.json: both losses, the packed token
 counts, the largest relative gradient difference over every rank's parameters (main_grad, summed
 over data-parallel ranks) and the largest log-prob difference.
 """
@@ -36,10 +36,24 @@ def main() -> None:
                              dtype=torch.float32)  # fmt: skip
     algorithm = AlgorithmConfig(clip_low=0.1, clip_high=0.3, nll_coef=0.5)
     actor = build_actor(chunks, settings, algorithm, response_budget=16)
+
+    def batch() -> list:
+        """global_batch, with a common 12-token head before the meta-experience contexts (as
+        the reflection template gives them): they share it, the responses their prompts."""
+        from megatron_mel.data.packing import TrainSample
+
+        head = list(range(3, 15))
+        return [
+            TrainSample(tokens=head + s.tokens, num_context=len(head) + s.num_context,
+                        term=s.term, group_size=s.group_size, prompt_id=s.prompt_id)
+            if s.term == "me" else s
+            for s in global_batch(arch.vocab_size)
+        ]  # fmt: skip
+
     runs = {}
     for share in (False, True):
         actor.share_prefixes = share
-        samples = global_batch(arch.vocab_size)
+        samples = batch()
         metrics = actor.forward_backward(samples, step=1, num_prompts=2)
         local = shard_for_data_parallel(samples, ctx.dp_rank, ctx.dp_size, share_prefixes=share)
         tokens = sum(mb.num_tokens for mb in pack_micro_batches(local, 8192, share_prefixes=share))
