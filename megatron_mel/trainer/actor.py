@@ -304,6 +304,7 @@ class Actor(PolicyRunner):
         config.grad_scale_func = optimizer.scale_loss
         no_sync = [chunk.no_sync for chunk in wrapped]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self._grads_released = False
 
     # -- training -------------------------------------------------------------------------
 
@@ -335,8 +336,12 @@ class Actor(PolicyRunner):
         )  # fmt: skip
         assign_token_weights(local, spec, ps.get_data_parallel_group())
         micro_batches = self._pack(local, micro_batch_tokens)
+        on_gpu = self.device.type == "cuda"
         for chunk in self.chunks:
+            if self._grads_released:
+                chunk.restore_grad_buffers(synchronize=on_gpu)
             chunk.zero_grad_buffer()
+        self._grads_released = False
         self.optimizer.zero_grad()
         records = self._run_schedule(micro_batches, forward_only=False)
         self._check_finite(records, step)
@@ -366,9 +371,19 @@ class Actor(PolicyRunner):
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        if self.device.type == "cpu":
-            platform.release_host_memory()  # the step's activations, before the engine's turn
+        self._release_grads()
         return metrics
+
+    def _release_grads(self) -> None:
+        """Free the gradient buffers until the next step (they are zeroed before each one and
+        read by nothing in between), so rollout and weight sync run without them: a model-sized
+        fp32 buffer back to the engines (GPU) or the OS (CPU, with the step's activations)."""
+        on_gpu = self.device.type == "cuda"
+        for chunk in self.chunks:
+            chunk.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+        self._grads_released = True
+        if not on_gpu:
+            platform.release_host_memory()
 
     def _check_finite(self, records: list[dict[str, Any]], step: int) -> None:
         bad = next((r["micro_batch"] for r in records if not math.isfinite(r["loss_sum"])), -1)

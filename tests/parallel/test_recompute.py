@@ -28,3 +28,5 @@ def test_recompute_gives_the_same_gradients_and_trains(tiny_models, tmp_path, tp
     step = result["step"]
     assert math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
     assert step["lr"] == pytest.approx(1e-3)
+    assert result["grads_released_between_steps"] and result["grads_restored"]
+    assert math.isfinite(result["second_loss"])

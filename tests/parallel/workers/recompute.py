@@ -5,7 +5,8 @@ Builds the policy twice from the same HF weights, once with ``model.recompute_ac
 runs ``forward_backward`` on the same batch with both, then one ``train_step`` with recompute on.
 Rank 0 writes OUT_DIR/recompute-tp<TP>.json: the loss of both runs, the largest relative
 gradient difference over every rank's parameters, whether every gradient was non-zero, and the
-step's metrics.
+step's metrics, and whether the gradient buffers are freed after the step and back (finite,
+non-zero) after the next forward-backward.
 """
 
 import json
@@ -50,12 +51,21 @@ def main() -> None:
     stats = torch.tensor([worst, 0.0 if nonzero else 1.0], dtype=torch.float64)
     torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
     step = actor.train_step(samples, step=1, num_prompts=2)
+    # Between steps the gradient buffers are freed; the next step brings them back zeroed.
+    params = list(unwrap(actor.chunks[0]).parameters())
+    released = all(p.main_grad.untyped_storage().nbytes() == 0 for p in params)
+    again = actor.forward_backward(samples, step=2, num_prompts=2)
+    restored = all(bool(torch.isfinite(p.main_grad).all()) for p in params)
+    restored = restored and any(bool(p.main_grad.abs().max() > 0) for p in params)
     if ctx.rank == 0:
         (out / f"recompute-tp{tp}.json").write_text(json.dumps({
             "loss": [plain["loss"], recomputed["loss"]],
             "max_rel_grad_diff": float(stats[0]),
             "all_grads_nonzero": not bool(stats[1]),
             "step": step,
+            "grads_released_between_steps": released,
+            "grads_restored": restored,
+            "second_loss": again["loss"],
         }))  # fmt: skip
     platform.destroy_distributed()
 
