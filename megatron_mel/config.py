@@ -302,8 +302,11 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     """Entropy bonus (paper: 0)."""
     recompute_old_logprobs: bool = True
-    """pi_old from the trainer's forward on the rollout weights (rho = 1 at the single update);
-    False uses the engine's log-probs (then rho carries the engine/trainer numeric mismatch)."""
+    """pi_old from the trainer at the rollout weights. The trainer takes one optimizer update
+    per batch, so pi_old is the policy at that update: its log-probs come from the training
+    forward itself (rho = 1 exactly there) and no separate no-grad forward runs. False uses the
+    engine's log-probs as pi_old (rho then carries the engine/trainer numeric mismatch). Either
+    way rollout/train_logprob_*_diff compares the engine's log-probs with the training forward's."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.clip_low < 1, "algorithm.clip_low", "must be in [0, 1)")
@@ -358,6 +361,11 @@ class OptimConfig:
     """Global gradient-norm clip; 0 disables."""
     micro_batch_tokens: int = 8192
     """Token budget of one packed (THD) micro-batch on one data-parallel rank."""
+    share_prefixes: bool = True
+    """Pack the samples of one prompt as the prompt once plus one continuation per response
+    (each sees exactly its own context), so a group of G pays for its prompt once in the
+    trainer's forward and backward. Needs the local attention (model.attention_backend local,
+    the CPU default); ignored with Transformer Engine's."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "must be positive")

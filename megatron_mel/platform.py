@@ -7,6 +7,13 @@ and returns a :class:`DistContext` describing this rank.
 On a machine without CUDA, megatron-core needs a few shims, and they live here and nowhere else:
 
 * a CPU RNG tracker in place of ``CudaRNGStatesTracker`` (which calls torch.cuda RNG APIs);
+* activation recomputation (``model.recompute_activations``): megatron's ``CheckpointFunction``
+  saves and restores "the CUDA RNG state" around every recomputed layer through
+  ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``. On CPU the device
+  generator *is* the CPU generator, which the same code already saves (``torch.get_rng_state``)
+  next to the tracker's states, so the CUDA slot carries an empty state and setting it does
+  nothing. (Unshimmed, the getter raises "Torch not compiled with CUDA enabled" and the setter
+  would queue a never-run callback per layer and step in ``torch.cuda._queued_calls``.)
 * ``torch.cuda.current_device()`` answering ``"cpu"`` (megatron allocates with
   ``device=torch.cuda.current_device()`` in ~200 places);
 * no-op streams, events and ``synchronize``;
@@ -344,6 +351,24 @@ def _reset_cpu_rng_tracker() -> None:
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _no_device_rng_state(*_: Any, **__: Any) -> torch.Tensor:
+    """The "CUDA RNG state" on CPU: empty (the CPU generator is saved separately)."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _ignore_device_rng_state(*_: Any, **__: Any) -> None:
+    return None
+
+
+def _install_recompute_shims() -> None:
+    """Route megatron's checkpoint RNG save/restore to the CPU (see the module docstring)."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    # Module globals: CheckpointFunction and CheckpointWithoutOutput look them up at call time.
+    tp_random._get_cuda_rng_state = _no_device_rng_state
+    tp_random._set_cuda_rng_state = _ignore_device_rng_state
+
+
 _CUDA_TYPE_NAMES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -418,6 +443,58 @@ class _NoOpStream:
 _cpu_mode: _CpuDeviceMode | None = None
 
 
+def release_host_memory() -> None:
+    """Give the heap memory freed since the last call back to the OS (glibc ``malloc_trim``).
+
+    torch's CPU tensors come from malloc. glibc serves large blocks with mmap only above a
+    threshold that it raises to the size of the largest block freed so far (up to 32 MiB), so
+    after the first training step activations, logits chunks and freed engine weights all live
+    in the heap, and freeing them keeps them resident: a run's RSS stays at its historical
+    peak plus fragmentation, and grew by ~3 GiB over four steps in the bench_vs_trl workload.
+    Called at the phase boundaries where a lot was just freed (the engine's release, the end of
+    a training step); the next phase faults back in only what it uses. Elsewhere (GPU
+    processes, non-glibc platforms) a no-op.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
+def _glibc() -> Any:
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
+
+
+@contextlib.contextmanager
+def cpu_shims_suspended() -> Iterator[None]:
+    """Run plain-torch code (no megatron inside) without the CPU device mode.
+
+    The mode sees every torch call in Python, ~8 us each; the embedded engine's decode step
+    makes ~1,400 of them (30 layers), which is ~10 ms per generated token on 2 cores. Nothing
+    there names a CUDA device, so generation runs with the mode popped. A no-op when the shims
+    are not installed or another mode sits above ours.
+    """
+    from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
+
+    if _cpu_mode is None or _get_current_function_mode() is not _cpu_mode:
+        yield
+        return
+    with _pop_mode_temporarily():
+        yield
+
+
 def install_cpu_shims() -> None:
     """Make megatron-core run on a CPU-only torch (idempotent; see the module docstring)."""
     global _cpu_mode
@@ -439,6 +516,7 @@ def install_cpu_shims() -> None:
     cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     _reset_cpu_rng_tracker()
+    _install_recompute_shims()
     _cpu_mode = _CpuDeviceMode()
     # Entered for the life of the process: megatron hard-codes CUDA devices on many paths.
     _cpu_mode.__enter__()

@@ -37,7 +37,8 @@ class LossFunction(ABC):
         tp_group: dist.ProcessGroup | None,
     ) -> tuple[Tensor, dict[str, Any]]:
         """(loss, metrics). ``hidden`` [t, H]; ``weight`` [V_shard, H]; metrics are sums
-        (``*_sum``) or counts over this micro-batch, so they add up across micro-batches."""
+        (``*_sum``) or counts over this micro-batch, so they add up across micro-batches, plus
+        ``token_logprobs``: the detached [t] log-probs of the labels (0 on ignored tokens)."""
 
 
 class CombinedPolicyLoss(LossFunction):
@@ -94,6 +95,7 @@ class CombinedPolicyLoss(LossFunction):
                 "nll_tokens": int(nll.sum()),
                 "entropy_sum": float((out.entropy * pg).sum()),
                 "clipped_tokens": int(out.clipped.sum()),
+                "token_logprobs": out.logprobs,
             }
         return out.loss, metrics
 

@@ -17,6 +17,11 @@ PG (MEL.md step 7, the clipped surrogate of Eq. 10 per token), with rho = exp(lo
 
 NLL (Eq. 7 per token):  l_t = -logp.
 
+On-policy PG (``old_logprobs=None``): pi_old is the current policy itself, i.e. old = logp
+detached, so rho = 1 in value while its gradient is that of logp. This is the single update of
+a batch (MEL.md step 7, "rho = 1 at the update"): the behaviour log-probs then need no separate
+forward, they are the training forward's own values.
+
 The returned value is ``token_weight * l_t``: aggregation (token-mean, seq-mean-token-mean, ...)
 and the global denominators live entirely in ``token_weight`` (see aggregation.py), so the batch
 loss is a plain sum and does not depend on how tokens are split into micro-batches or ranks.
@@ -62,17 +67,20 @@ def weighted_token_loss(
     loss_type: Tensor,
     token_weight: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     params: TokenLossParams,
     ref_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``token_weight * l_t`` per token (zero for ignored tokens) and the PG clip mask.
 
-    All inputs are [T]. ``clipped`` marks PG tokens where the clipped branch is the active one
-    (its gradient is zero), for the clip-fraction metric.
+    All inputs are [T]; ``old_logprobs`` None means on-policy (module docstring). ``clipped``
+    marks PG tokens where the clipped branch is the active one (its gradient is zero), for the
+    clip-fraction metric.
     """
     pg = loss_type == PG
     nll = loss_type == NLL
+    if old_logprobs is None:
+        old_logprobs = logp.detach()
     # Ignored tokens may carry garbage log-probs; keep them out of exp() so no inf/nan leaks.
     safe_logp = torch.where(pg, logp, old_logprobs)
     ratio = torch.exp(safe_logp - old_logprobs)

@@ -5,6 +5,14 @@ module is the local spec's core attention on CPU (and usable on GPU): causal att
 ``[s, b, heads, dim]`` batches or packed ``[t, heads, dim]`` tokens delimited by ``cu_seqlens``,
 through ``torch.nn.functional.scaled_dot_product_attention`` with native GQA.
 
+Shared prefixes (:class:`PackedSegments`). A pack may hold a segment that *continues* another
+one: the G responses of one prompt are packed as the prompt once followed by one segment per
+response, each attending to the whole prompt and causally to itself. Keys and values of the
+prompt are then computed once instead of G times (and, in training, its activations and
+gradients too); every response sees exactly the context it would see alone. ``positions``
+gives each packed token its RoPE position (a continuation starts where its prefix ends);
+:class:`PositionalRotaryEmbedding` makes Megatron's RoPE use them.
+
 Shapes: s = sequence, b = batch, t = packed tokens, n = query heads (this TP rank),
 g = KV heads (this TP rank), d = head dim.
 """
@@ -13,14 +21,55 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+
+
+@dataclass
+class PackedSegments(PackedSeqParams):
+    """THD pack parameters with per-token RoPE positions and optional shared prefixes.
+
+    ``positions`` [t]: RoPE position of every packed token. ``prefix_of[i]``: index of the
+    segment that segment ``i`` continues (it attends to all of it first), or -1. A prefix comes
+    before its continuations and continues nothing itself.
+    """
+
+    positions: Tensor | None = None
+    prefix_of: tuple[int, ...] | None = None
+
+
+class PositionalRotaryEmbedding(RotaryEmbedding):
+    """Megatron's RoPE, at the per-token positions of a :class:`PackedSegments` pack.
+
+    GPTModel asks for ``get_rotary_seq_len(..., packed_seq_params)`` and then for the table of
+    that length; for a pack with positions this returns one row per packed token instead, which
+    Megatron's THD RoPE applies token by token (its "packed freqs" case). Other inputs get the
+    usual table (positions restarting at 0 in every segment).
+    """
+
+    _positions: Tensor | None = None
+
+    def get_rotary_seq_len(self, inference_context, transformer, transformer_input,
+                           transformer_config, packed_seq_params=None, **kwargs):  # type: ignore[no-untyped-def]  # fmt: skip
+        self._positions = getattr(packed_seq_params, "positions", None)
+        return super().get_rotary_seq_len(inference_context, transformer, transformer_input,
+                                          transformer_config, packed_seq_params, **kwargs)  # fmt: skip
+
+    def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                cp_group=None) -> Tensor:  # type: ignore[no-untyped-def]  # fmt: skip
+        positions, self._positions = self._positions, None
+        if positions is None or not packed_seq:
+            return super().forward(max_seq_len, offset, packed_seq, cp_group)
+        table = self.get_emb(int(positions.max()) + 1)  # [S, 1, 1, d]
+        return table[positions.to(table.device)]  # [t, 1, 1, d]
 
 
 class VarlenDotProductAttention(MegatronModule):
@@ -85,20 +134,30 @@ class VarlenDotProductAttention(MegatronModule):
         if cu_q is None:
             cu_q = params.cu_seqlens_q
         bounds = cu_q.tolist()
+        prefix_of = getattr(params, "prefix_of", None) or (-1,) * (len(bounds) - 1)
         out = torch.zeros(
             query.shape[0], query.shape[1] * value.shape[2], dtype=query.dtype, device=query.device
         )
-        for start, end in itertools.pairwise(bounds):
+        for (start, end), prefix in zip(itertools.pairwise(bounds), prefix_of):
             if end <= start:
                 continue
             q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, n, s, d]
-            k = key[start:end].transpose(0, 1).unsqueeze(0)
-            v = value[start:end].transpose(0, 1).unsqueeze(0)
+            k = key[start:end]
+            v = value[start:end]
+            mask = None
+            if prefix >= 0:  # attend to the whole prefix, then causally to this segment
+                p0, p1 = bounds[prefix], bounds[prefix + 1]
+                k = torch.cat((key[p0:p1], k))
+                v = torch.cat((value[p0:p1], v))
+                rows = torch.arange(end - start, device=query.device)[:, None]
+                cols = torch.arange(k.shape[0], device=query.device)[None, :]
+                mask = cols <= rows + (p1 - p0)  # [s, p + s]
             seg = F.scaled_dot_product_attention(
                 q,
-                k,
-                v,
-                is_causal=True,
+                k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=mask is None,
                 dropout_p=dropout,
                 scale=self.softmax_scale,
                 enable_gqa=True,

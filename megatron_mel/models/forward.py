@@ -37,11 +37,13 @@ class MicroBatch:
     def to(self, device: torch.device) -> MicroBatch:
         params = self.packed_seq_params
         if params is not None:
-            params = dataclasses.replace(
-                params,
-                cu_seqlens_q=params.cu_seqlens_q.to(device),
-                cu_seqlens_kv=params.cu_seqlens_kv.to(device),
-            )
+            moved = {
+                "cu_seqlens_q": params.cu_seqlens_q.to(device),
+                "cu_seqlens_kv": params.cu_seqlens_kv.to(device),
+            }
+            if getattr(params, "positions", None) is not None:  # models/attention.PackedSegments
+                moved["positions"] = params.positions.to(device)
+            params = dataclasses.replace(params, **moved)
         return MicroBatch(self.input_ids.to(device), self.position_ids.to(device), params)
 
 

@@ -14,6 +14,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -24,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mel.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mel.models.arch import ModelArch
-from megatron_mel.models.attention import VarlenDotProductAttention
+from megatron_mel.models.attention import PositionalRotaryEmbedding, VarlenDotProductAttention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,10 +157,14 @@ def _apply_rope_details(gpt: GPTModel, arch: ModelArch) -> None:
 
     GPTModel takes an int base (HF allows floats) and fixes Llama-3's low/high frequency factors
     and original context at 1/4/8192; recompute the inverse frequencies from the real values.
+    The module becomes a PositionalRotaryEmbedding (RoPE at explicit per-token positions).
     """
     rope = getattr(gpt, "rotary_pos_emb", None)
     if rope is None:
         return
+    # Same module and state, plus per-token positions for packs that carry them (attention.py).
+    if type(rope) is RotaryEmbedding:
+        rope.__class__ = PositionalRotaryEmbedding
     dim = arch.head_dim
     inv_freq = 1.0 / (
         arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)

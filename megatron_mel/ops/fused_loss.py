@@ -89,7 +89,7 @@ def fused_combined_loss(
     loss_type: Tensor,
     token_weight: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
@@ -111,7 +111,8 @@ def fused_combined_loss(
         labels: [T] int64 next-token ids in the global vocabulary.
         loss_type: [T] integer: 0 ignore, 1 policy gradient, 2 NLL.
         token_weight: [T] float, the per-token aggregation weight (global denominators included).
-        advantages, old_logprobs: [T] float, used on PG tokens.
+        advantages, old_logprobs: [T] float, used on PG tokens. ``old_logprobs`` None is
+            on-policy: pi_old = the current policy, rho = 1 (algorithms/token_loss.py).
         ref_logprobs: [T] float reference-policy log-probs; needed when ``kl_coef > 0``.
         vocab_size: the true vocabulary size; rows of the (global, unsharded) weight at or
             beyond it are padding and are left out of the softmax. None: every row is real.
@@ -142,13 +143,17 @@ def fused_combined_loss(
     _validate(hidden, weight, labels, loss_type, token_weight, advantages, old_logprobs,
               ref_logprobs, params, vocab_size=vocab_size)  # fmt: skip
     impl = resolve_kernels(kernels, hidden.device)
-    ref = ref_logprobs if ref_logprobs is not None else old_logprobs
+    # autograd.Function.apply takes tensors positionally: an empty one stands for "none".
+    none = hidden.new_empty(0, dtype=torch.float32)
+    old = old_logprobs if old_logprobs is not None else none
+    ref = ref_logprobs if ref_logprobs is not None else none
     # Decided here: inside Function.forward grad mode is always off, and needs_input_grad says
     # True for a Parameter even under torch.no_grad.
     grad_enabled = torch.is_grad_enabled()
     loss, logprobs, entropy, clipped, token_loss = _FusedCombinedLoss.apply(
-        hidden, weight, labels, loss_type, token_weight, advantages, old_logprobs, ref,
-        _Options(params, tp_group, tp_rank, impl, chunk_bytes, vocab_size, grad_enabled),
+        hidden, weight, labels, loss_type, token_weight, advantages, old, ref,
+        _Options(params, tp_group, tp_rank, impl, chunk_bytes, vocab_size, grad_enabled,
+                 on_policy=old_logprobs is None, with_ref=ref_logprobs is not None),
     )  # fmt: skip
     num_pg = int((loss_type == PG).sum())
     return CombinedLossOutput(
@@ -210,6 +215,10 @@ class _Options:
     """True vocabulary size; global rows at or beyond it are padding."""
     grad_enabled: bool
     """Whether gradients were enabled where the loss was called (no buffers otherwise)."""
+    on_policy: bool
+    """No old_logprobs: pi_old is the current policy (the tensor passed is empty)."""
+    with_ref: bool
+    """ref_logprobs given (else the tensor passed is empty)."""
 
 
 class _FusedCombinedLoss(torch.autograd.Function):
@@ -281,9 +290,9 @@ class _FusedCombinedLoss(torch.autograd.Function):
                     loss_type.index_select(0, idx),
                     token_weight.index_select(0, idx).float(),
                     advantages.index_select(0, idx).float(),
-                    old_logprobs.index_select(0, idx).float(),
+                    None if opts.on_policy else old_logprobs.index_select(0, idx).float(),
                     opts.params,
-                    ref_logprobs.index_select(0, idx).float(),
+                    ref_logprobs.index_select(0, idx).float() if opts.with_ref else None,
                 )
                 chunk_loss = token_loss.sum()
                 if need_dh or need_dw:
@@ -357,7 +366,7 @@ def _validate(
     loss_type: Tensor,
     token_weight: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     ref_logprobs: Tensor | None,
     params: TokenLossParams,
     *,
@@ -383,8 +392,9 @@ def _validate(
         "loss_type": loss_type,
         "token_weight": token_weight,
         "advantages": advantages,
-        "old_logprobs": old_logprobs,
     }
+    if old_logprobs is not None:
+        per_token["old_logprobs"] = old_logprobs
     if ref_logprobs is not None:
         per_token["ref_logprobs"] = ref_logprobs
     for name, tensor in per_token.items():
@@ -417,6 +427,8 @@ def _validate(
             f"[0, {vocab_size})"
         )
     for name in ("token_weight", "advantages", "old_logprobs"):
+        if name not in per_token:
+            continue
         values = per_token[name]
         if not torch.isfinite(values[active]).all():
             raise ValueError(f"{name} has non-finite values on loss tokens")

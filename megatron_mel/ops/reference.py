@@ -19,7 +19,7 @@ def reference_combined_loss(
     loss_type: Tensor,
     token_weight: Tensor,
     advantages: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
@@ -39,7 +39,7 @@ def reference_combined_loss(
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
     token_loss, clipped = weighted_token_loss(
         logp, entropy, loss_type, token_weight.float(), advantages.float(),
-        old_logprobs.float(), params, None if ref_logprobs is None else ref_logprobs.float(),
+        None if old_logprobs is None else old_logprobs.float(), params, None if ref_logprobs is None else ref_logprobs.float(),
     )  # fmt: skip
     zero = torch.zeros_like(logp)
     return (

@@ -85,11 +85,24 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class Prompt(NamedTuple):
-    """A prompt to prefill: tokens ``ids`` ``[S]`` go to cache rows ``rows`` from ``start``."""
+    """A prompt to prefill: tokens ``ids`` ``[S]`` go to cache rows ``rows`` from ``start``.
+
+    With ``past``, the tokens continue a prefix already in the cache: they sit at positions
+    ``past.length ..`` and attend to that prefix first (:class:`Past`).
+    """
 
     ids: Tensor
     rows: slice
     start: int
+    past: Past | None = None
+
+
+class Past(NamedTuple):
+    """A cached prefix: ``length`` tokens of cache row ``row`` from column ``start``."""
+
+    row: int
+    start: int
+    length: int
 
 
 @dataclass(slots=True)
@@ -299,32 +312,43 @@ class Decoder:
         """Causal forward of unpadded sequences packed end to end; final hidden ``[sum S, H]``.
 
         The matmuls run on the whole pack (bigger GEMMs than one short prompt gives); attention
-        runs per sequence, causal, positions restarting at 0. With ``cache``, each sequence's
+        runs per sequence, causal, positions restarting at 0 (or continuing a cached ``past``
+        prefix, which the sequence attends to first). With ``cache``, each sequence's
         keys/values go to its rows, columns ``start : start + S``.
         """
         a = self.arch
         lengths = [int(p.ids.shape[0]) for p in prompts]
         ids = torch.cat([p.ids for p in prompts]).to(self.device)
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        positions = torch.cat(
+            [torch.arange(n) + (p.past.length if p.past else 0) for p, n in zip(prompts, lengths)]
+        ).to(self.device)
         cos, sin = self._rope(positions)
         x = self.embed[ids]
         bounds = [0]
         for n in lengths:
             bounds.append(bounds[-1] + n)
+        masks = [_continuation_mask(n, p.past.length, self.device) if p.past else None
+                 for p, n in zip(prompts, lengths)]  # fmt: skip
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, S, d]
             ck, cv = cache.layer(i) if cache is not None else (None, None)
             attn = torch.empty(x.shape[0], a.num_heads, a.head_dim, dtype=x.dtype, device=x.device)
-            for p, s0, s1 in zip(prompts, bounds, bounds[1:]):
+            for p, s0, s1, mask in zip(prompts, bounds, bounds[1:], masks):
                 if ck is not None and cv is not None:
                     ck[p.rows, :, p.start : p.start + s1 - s0] = k[:, s0:s1]
                     cv[p.rows, :, p.start : p.start + s1 - s0] = v[:, s0:s1]
+                keys, values = k[:, s0:s1], v[:, s0:s1]
+                if p.past is not None and ck is not None and cv is not None:
+                    c0, c1 = p.past.start, p.past.start + p.past.length
+                    keys = torch.cat((ck[p.past.row, :, c0:c1], keys), dim=1)
+                    values = torch.cat((cv[p.past.row, :, c0:c1], values), dim=1)
                 attn[s0:s1] = F.scaled_dot_product_attention(
                     q[None, :, s0:s1],
-                    k[None, :, s0:s1],
-                    v[None, :, s0:s1],
-                    is_causal=True,
+                    keys[None],
+                    values[None],
+                    attn_mask=mask,
+                    is_causal=mask is None,
                     enable_gqa=a.q_per_kv > 1,
                 )[0].transpose(0, 1)
             x = self._finish_layer(layer, x, attn.view(x.shape[0], self.q_size))
@@ -394,6 +418,13 @@ class Decoder:
                     )
             x = self._finish_layer(layer, x, attn.reshape(B, self.q_size))
         return self.logits(x)
+
+
+def _continuation_mask(length: int, past: int, device: torch.device) -> Tensor:
+    """``[length, past + length]`` bool: every past column, then causal over the new tokens."""
+    rows = torch.arange(length, device=device)[:, None]
+    cols = torch.arange(past + length, device=device)[None, :]
+    return cols <= rows + past
 
 
 class AttentionGroup(NamedTuple):

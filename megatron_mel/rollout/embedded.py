@@ -16,7 +16,10 @@ float rounding in differently shaped kernels). Each distinct prompt is prefilled
 (once overall unless its samples outnumber ``max_batch_size``), unpadded and packed with other
 prompts up to ``prefill_tokens`` tokens per forward, and its keys/values are written into the
 rows of all of its samples. Decode attention splits the rows into groups that each read only
-the columns their longest prompt needs (:func:`~.decoder.attention_groups`). When a quarter of
+the columns their longest prompt needs (:func:`~.decoder.attention_groups`). The longest prefix
+that all of a batch's distinct prompts share (a reflection template's instructions, a chat
+system turn; at least ``MIN_SHARED_PREFIX`` tokens) is prefilled once, its keys/values copied to
+every row, and each prompt prefills only the rest, attending to that prefix first. When a quarter of
 the rows have finished, the live rows are compacted to the front of the cache so finished rows
 stop costing compute; they never add tokens to their output after finishing.
 
@@ -52,9 +55,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from megatron_mel import platform
 from megatron_mel.convert.mapping import expected_hf_names
 from megatron_mel.models.arch import ModelArch, load_arch
-from megatron_mel.rollout.decoder import Decoder, KVCache, Prompt, attention_groups
+from megatron_mel.rollout.decoder import Decoder, KVCache, Past, Prompt, attention_groups
 from megatron_mel.rollout.engine import (
     Completion,
     EngineError,
@@ -66,6 +70,9 @@ from megatron_mel.rollout.engine import (
     WeightBucket,
     request_seed,
 )
+
+# Shorter common prefixes are prefilled with each prompt: one more forward is not worth it.
+MIN_SHARED_PREFIX = 16
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -223,6 +230,8 @@ class EmbeddedEngine(RolloutEngine):
                 self._written = set()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        else:
+            platform.release_host_memory()  # freed tensors stay resident otherwise
         return freed
 
     def _resume_memory(self, tags: tuple[str, ...]) -> None:
@@ -246,7 +255,8 @@ class EmbeddedEngine(RolloutEngine):
                 seed = request_seed(params.seed, req.request_id)
             prompt = list(req.prompt_token_ids)
             samples += [_Sample(r, i, prompt, params, seed) for i in range(params.n)]
-        with self._lock, torch.inference_mode():
+        # The trainer's CPU device mode (platform.py) would tax every op of the decode loop.
+        with self._lock, torch.inference_mode(), platform.cpu_shims_suspended():
             for batch in self._plan(samples):
                 self._run_batch(batch)
         results = [GenerationResult(r.request_id, list(r.prompt_token_ids), []) for r in requests]
@@ -283,6 +293,30 @@ class EmbeddedEngine(RolloutEngine):
         for prompt, last in zip(pack, self.decoder.prefill(pack, cache)):
             logits[prompt.rows] = last
 
+    def _prefill_shared_prefix(
+        self, rows: list[_Sample], runs: list[tuple[int, int]], starts: list[int], cache: KVCache
+    ) -> Past | None:
+        """Prefill the longest prefix common to every distinct prompt of the batch once (into
+        the first row) and copy its keys/values to every row; None if it is too short to pay.
+
+        Each prompt keeps at least one token of its own, whose logits start its sampling.
+        """
+        if len(runs) < 2:
+            return None
+        prompts = [rows[r0].prompt for r0, _ in runs]
+        length = min(map(len, prompts)) - 1  # each prompt keeps a token of its own
+        for prompt in prompts[1:]:
+            length = next((i for i in range(length) if prompt[i] != prompts[0][i]), length)
+        if length < MIN_SHARED_PREFIX:
+            return None
+        first = runs[0][0]
+        ids = torch.tensor(prompts[0][:length], dtype=torch.long)
+        self.decoder.prefill([Prompt(ids, slice(first, first + 1), starts[first])], cache)
+        source = cache.kv[:, :, first, :, starts[first] : starts[first] + length].clone()
+        for r0, r1 in runs:
+            cache.kv[:, :, r0:r1, :, starts[r0] : starts[r0] + length] = source[:, :, None]
+        return Past(first, starts[first], length)
+
     def _run_batch(self, rows: list[_Sample]) -> None:
         dev, dec = self.device, self.decoder
         B = len(rows)
@@ -292,9 +326,10 @@ class EmbeddedEngine(RolloutEngine):
         starts = [P - len(s.prompt) for s in rows]
 
         # Prefill each run of consecutive rows with the same prompt once, packing prompts into
-        # forwards of up to prefill_tokens tokens.
+        # forwards of up to prefill_tokens tokens; a prefix all the batch's prompts share (a
+        # template's instructions, a chat system turn) is prefilled once and copied.
         logits = torch.empty(B, self.arch.vocab_size, dtype=torch.float32, device=dev)
-        pack: list[Prompt] = []
+        runs: list[tuple[int, int]] = []
         r0 = 0
         while r0 < B:
             r1 = r0 + 1
@@ -302,12 +337,17 @@ class EmbeddedEngine(RolloutEngine):
                 r1 += 1
             # Padding columns are masked, but zero them so no stale NaN can meet a 0 weight.
             cache.kv[:, :, r0:r1, :, : starts[r0]].zero_()
-            ids = torch.tensor(rows[r0].prompt, dtype=torch.long)
+            runs.append((r0, r1))
+            r0 = r1
+        past = self._prefill_shared_prefix(rows, runs, starts, cache)
+        shared = past.length if past is not None else 0
+        pack: list[Prompt] = []
+        for r0, r1 in runs:
+            ids = torch.tensor(rows[r0].prompt[shared:], dtype=torch.long)
             if pack and sum(len(p.ids) for p in pack) + len(ids) > self.prefill_tokens:
                 self._prefill(pack, cache, logits)
                 pack = []
-            pack.append(Prompt(ids, slice(r0, r1), starts[r0]))
-            r0 = r1
+            pack.append(Prompt(ids, slice(r0, r1), starts[r0] + shared, past))
         self._prefill(pack, cache, logits)
 
         sampler = _Sampler(rows, N, dev)

@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron_mel import platform
 from megatron_mel.algorithms.aggregation import AggregationSpec, assign_token_weights
 from megatron_mel.algorithms.loss import LossFunction, make_loss
-from megatron_mel.algorithms.token_loss import NLL
+from megatron_mel.algorithms.token_loss import IGNORE
 from megatron_mel.config import AlgorithmConfig, OptimConfig, ParallelConfig
 from megatron_mel.convert.checkpoint import unwrap
 from megatron_mel.data.packing import (
@@ -62,6 +62,9 @@ class ActorSettings:
     beyond it stay out of the softmax."""
     max_seq_len: int
     """model.max_seq_len: a longer training sample is an error naming that key."""
+    share_prefixes: bool = False
+    """Pack samples of one context as the context once plus continuations (data/packing.py);
+    needs the local attention, which knows shared prefixes."""
 
 
 def wrap_for_training(chunks: list[torch.nn.Module], settings: ActorSettings) -> list[DDP]:
@@ -138,12 +141,14 @@ class PolicyRunner:
         *,
         vocab_size: int,
         max_seq_len: int,
+        share_prefixes: bool = False,
     ) -> None:
         self.chunks = chunks
         self.loss_fn = loss_fn
         self.micro_batch_tokens = micro_batch_tokens
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
+        self.share_prefixes = share_prefixes
         self.device = next(chunks[0].parameters()).device
         self.sequence_parallel = parallel.sequence_parallel
         self.pad_multiple = parallel.tp if self.sequence_parallel else 1
@@ -155,7 +160,9 @@ class PolicyRunner:
         """log pi(target token) of every target token of ``samples``, on every rank.
 
         ``samples`` is the same list on every rank; data-parallel replicas each score their
-        share and the results are all-gathered.
+        share and the results are all-gathered. (The training forward yields the same values
+        for the policy itself, see Actor.forward_backward; this is for other policies, such as
+        the frozen reference of a KL term.)
         """
         for chunk in self.chunks:
             chunk.eval()
@@ -164,17 +171,11 @@ class PolicyRunner:
             TrainSample(tokens=s.tokens, num_context=s.num_context, term="me", prompt_id=str(i))
             for i, s in enumerate(samples)
         ]
-        mine = shard_for_data_parallel(indexed, dp_rank, dp_size)
+        mine = shard_for_data_parallel(
+            indexed, dp_rank, dp_size, share_prefixes=self.share_prefixes
+        )
         records = self._run_schedule(self._pack(mine), forward_only=True)
-        local: dict[int, list[float]] = {}
-        for record in records if mine else []:  # an empty share ran one padding pack
-            for position, values in record["logprobs"].items():
-                local[int(mine[position].prompt_id)] = values
-        local = share_from_last_stage(local)
-        gathered: list[dict[int, list[float]]] = [{} for _ in range(dp_size)]
-        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
-        merged = {k: v for part in gathered for k, v in part.items()}
-        return [merged[i] for i in range(len(samples))]
+        return _gather_logprobs(records, [int(s.prompt_id) for s in mine], len(samples))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -188,6 +189,7 @@ class PolicyRunner:
         else:
             budget = max_tokens or self.micro_batch_tokens
             batches = pack_micro_batches(samples, budget, pad_to_multiple=self.pad_multiple,
+                                         share_prefixes=self.share_prefixes,
                                          max_seq_len=self.max_seq_len)  # fmt: skip
         for index, batch in enumerate(batches):
             batch.index = index
@@ -216,6 +218,7 @@ class PolicyRunner:
                         hidden, weight, batch, tp_group, record, self.vocab_size
                     )
                 loss, metrics = self.loss_fn(hidden, weight, batch, tp_group)
+                record["logprobs"] = _split_by_sample(metrics.pop("token_logprobs"), batch)
                 record.update(metrics)
                 return loss
 
@@ -258,14 +261,37 @@ class PolicyRunner:
             hidden, weight, batch.labels, batch.loss_type, batch.token_weight,
             batch.advantages, batch.old_logprobs, vocab_size=vocab_size, tp_group=tp_group,
         )  # fmt: skip
-        logprobs = out.logprobs.cpu()
-        targets = (batch.loss_type == NLL).cpu()
-        bounds = batch.inputs.packed_seq_params.cu_seqlens_q.tolist()
-        per_sample = {}
-        for sample_id, start, end in zip(batch.sample_ids, bounds[:-1], bounds[1:]):
-            per_sample[sample_id] = logprobs[start:end][targets[start:end]].tolist()
-        record["logprobs"] = per_sample
+        record["logprobs"] = _split_by_sample(out.logprobs, batch)
         return out.loss
+
+
+def _split_by_sample(logprobs: torch.Tensor, batch: TrainMicroBatch) -> dict[int, list[float]]:
+    """Per packed sample (by its index in the packed list): the log-probs of its target tokens."""
+    logprobs = logprobs.cpu()
+    targets = (batch.loss_type != IGNORE).cpu()
+    return {
+        sample_id: logprobs[start:end][targets[start:end]].tolist()
+        for sample_id, (start, end) in zip(batch.sample_ids, batch.sample_spans)
+    }
+
+
+def _gather_logprobs(
+    records: list[dict[str, Any]], global_index: list[int], num_samples: int
+) -> list[list[float]]:
+    """Every sample's target log-probs on every rank, from the schedule's records.
+
+    ``global_index[k]`` is the position in the global batch of this rank's k-th packed sample.
+    Collective: the last pipeline stage shares its records, data-parallel ranks exchange theirs.
+    """
+    local: dict[int, list[float]] = {}
+    for record in records if global_index else []:  # an empty share ran one padding pack
+        for position, values in record["logprobs"].items():
+            local[global_index[position]] = values
+    local = share_from_last_stage(local)
+    gathered: list[dict[int, list[float]]] = [{} for _ in range(ps.get_data_parallel_world_size())]
+    dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+    merged = {k: v for part in gathered for k, v in part.items()}
+    return [merged[i] for i in range(num_samples)]
 
 
 class Actor(PolicyRunner):
@@ -281,7 +307,8 @@ class Actor(PolicyRunner):
         settings: ActorSettings,
     ) -> None:
         super().__init__(wrapped, settings.parallel, settings.optim.micro_batch_tokens, loss_fn,
-                         vocab_size=settings.vocab_size, max_seq_len=settings.max_seq_len)  # fmt: skip
+                         vocab_size=settings.vocab_size, max_seq_len=settings.max_seq_len,
+                         share_prefixes=settings.share_prefixes)  # fmt: skip
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.aggregation = aggregation
@@ -291,6 +318,7 @@ class Actor(PolicyRunner):
         config.grad_scale_func = optimizer.scale_loss
         no_sync = [chunk.no_sync for chunk in wrapped]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self._grads_released = False
 
     # -- training -------------------------------------------------------------------------
 
@@ -304,7 +332,8 @@ class Actor(PolicyRunner):
     ) -> dict[str, float]:
         """Zero gradients, then accumulate the gradient of the global-batch loss.
 
-        ``samples`` is the whole global batch, identical on every rank. Raises
+        ``samples`` is the whole global batch, identical on every rank. Sets every sample's
+        ``train_logprobs`` (on every rank) to the forward's log-probs of its targets. Raises
         NonFiniteLossError on every rank if any micro-batch's loss is not finite.
         """
         spec = AggregationSpec(
@@ -315,15 +344,25 @@ class Actor(PolicyRunner):
             num_prompts=num_prompts,
         )
         local = shard_for_data_parallel(
-            samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        )
+            samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+            share_prefixes=self.share_prefixes,
+            max_tokens=micro_batch_tokens or self.micro_batch_tokens,
+        )  # fmt: skip
         assign_token_weights(local, spec, ps.get_data_parallel_group())
         micro_batches = self._pack(local, micro_batch_tokens)
+        on_gpu = self.device.type == "cuda"
         for chunk in self.chunks:
+            if self._grads_released:
+                chunk.restore_grad_buffers(synchronize=on_gpu)
             chunk.zero_grad_buffer()
+        self._grads_released = False
         self.optimizer.zero_grad()
         records = self._run_schedule(micro_batches, forward_only=False)
         self._check_finite(records, step)
+        position = {id(sample): i for i, sample in enumerate(samples)}
+        logprobs = _gather_logprobs(records, [position[id(s)] for s in local], len(samples))
+        for sample, values in zip(samples, logprobs):
+            sample.train_logprobs = values
         return self._reduce_metrics(records)
 
     def train_step(
@@ -346,7 +385,19 @@ class Actor(PolicyRunner):
         self.scheduler.step(increment=1)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        self._release_grads()
         return metrics
+
+    def _release_grads(self) -> None:
+        """Free the gradient buffers until the next step (they are zeroed before each one and
+        read by nothing in between), so rollout and weight sync run without them: a model-sized
+        fp32 buffer back to the engines (GPU) or the OS (CPU, with the step's activations)."""
+        on_gpu = self.device.type == "cuda"
+        for chunk in self.chunks:
+            chunk.offload_grad_buffers(synchronize=on_gpu, empty_cache=on_gpu)
+        self._grads_released = True
+        if not on_gpu:
+            platform.release_host_memory()
 
     def _check_finite(self, records: list[dict[str, Any]], step: int) -> None:
         bad = next((r["micro_batch"] for r in records if not math.isfinite(r["loss_sum"])), -1)

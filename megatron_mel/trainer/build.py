@@ -25,7 +25,7 @@ from megatron_mel.data.datasets import load_run_datasets as load_datasets  # noq
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.data.sampler import PromptSampler
 from megatron_mel.models.arch import ModelArch
-from megatron_mel.models.gpt import DTYPES, build_model_chunks
+from megatron_mel.models.gpt import DTYPES, attention_backend, build_model_chunks
 from megatron_mel.reflection.service import Reflector
 from megatron_mel.reflection.store import ExperienceStore
 from megatron_mel.reflection.templates import ReflectionTemplates
@@ -69,7 +69,8 @@ def build_policy(cfg: RunConfig, arch: ModelArch) -> Actor:
                     arch.padded_vocab_size(cfg.model.vocab_padding_multiple))  # fmt: skip
     settings = ActorSettings(parallel=cfg.parallel, optim=cfg.optim,
                              num_steps=cfg.trainer.num_steps, dtype=DTYPES[cfg.model.dtype],
-                             vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len)  # fmt: skip
+                             vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len,
+                             share_prefixes=_share_prefixes(cfg))  # fmt: skip
     return build_actor(chunks, settings, cfg.algorithm, response_budget=cfg.rollout.max_new_tokens)
 
 
@@ -87,7 +88,13 @@ def build_reference(cfg: RunConfig, arch: ModelArch) -> PolicyRunner | None:
     for chunk in chunks:
         chunk.requires_grad_(False)
     return PolicyRunner(chunks, cfg.parallel, cfg.optim.micro_batch_tokens,
-                        vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len)  # fmt: skip
+                        vocab_size=arch.vocab_size, max_seq_len=cfg.model.max_seq_len,
+                        share_prefixes=_share_prefixes(cfg))  # fmt: skip
+
+
+def _share_prefixes(cfg: RunConfig) -> bool:
+    """optim.share_prefixes where the attention supports it (the local one)."""
+    return cfg.optim.share_prefixes and attention_backend(cfg.model) == "local"
 
 
 def build_layout(cfg: RunConfig) -> Layout:

@@ -10,6 +10,7 @@ the reflection step does nothing.
 from __future__ import annotations
 
 import logging
+import time
 
 from megatron_mel import lifecycle, platform
 from megatron_mel.checkpoint import TrainerState
@@ -80,11 +81,14 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
         for step in range(state.step + 1, cfg.trainer.num_steps + 1):
             if stop is not None:
                 break
+            started = time.perf_counter()
             metrics = _train_step(
                 cfg, step, actor, reference, driver, handoff, state.weight_version
             )
             state.weight_version, state.step = int(metrics["sync/weight_version"]), step
-            metrics["time/step"] = sum(v for k, v in metrics.items() if k.startswith("time/"))
+            # Wall clock of the whole step (phases plus what no phase timer covers: broadcasts,
+            # packing, bookkeeping); evaluation and checkpoints are not part of it.
+            metrics["time/step"] = time.perf_counter() - started
             last = step == cfg.trainer.num_steps
             if cfg.trainer.eval_every and (step % cfg.trainer.eval_every == 0 or last):
                 metrics.update(
@@ -139,12 +143,12 @@ def _train_step(
     timer.seconds.update(timings)
     metrics.update(handoff.to_train())
     responses = [s for s in samples if s.term in ("pg", "rft")]  # the rollout responses
-    with timer("logprobs"):
-        recomputed = actor.compute_logprobs(responses)
-    metrics.update(logprob_mismatch(responses, recomputed))
+    engine_logprobs = [s.old_logprobs for s in responses]
     if cfg.algorithm.recompute_old_logprobs:
-        for sample, values in zip(responses, recomputed):
-            sample.old_logprobs = values
+        # One optimizer update per batch: pi_old is the policy at that update, whose log-probs
+        # the training forward computes anyway (rho = 1 there), so no separate forward runs.
+        for sample in responses:
+            sample.old_logprobs = None
     if reference is not None:
         pg = [s for s in samples if s.term == "pg"]
         with timer("reference"):
@@ -152,6 +156,7 @@ def _train_step(
                 sample.ref_logprobs = values
     with timer("train"):
         train = actor.train_step(samples, step=step, num_prompts=cfg.rollout.prompts_per_step)
+    metrics.update(logprob_mismatch(engine_logprobs, [s.train_logprobs or [] for s in responses]))
     metrics.update({f"train/{k}": v for k, v in train.items()})
     metrics.update(timer.metrics())
     metrics["rollout/weight_version"] = float(version)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -103,7 +103,8 @@ def policy_samples(groups: list[RolloutGroup], algorithm: AlgorithmConfig) -> li
 
     grpo / mel / reinforce_pp: every response is a PG sample with its outcome advantage.
     rft: correct responses only, trained with NLL (rejection-sampling fine-tuning).
-    Behaviour log-probs come from the engine; the loop may replace them by the trainer's.
+    Behaviour log-probs come from the engine; the loop may make the samples on-policy instead
+    (``algorithm.recompute_old_logprobs``).
     """
     if algorithm.name == "rft":
         samples = []
@@ -142,12 +143,13 @@ def _sample(
     )
 
 
-def logprob_mismatch(samples: list[TrainSample], trainer: list[list[float]]) -> dict[str, float]:
-    """Mean and max |engine - trainer| log-prob over target tokens (rollout/train consistency)."""
+def logprob_mismatch(
+    engine: Sequence[Sequence[float] | None], trainer: Sequence[Sequence[float]]
+) -> dict[str, float]:
+    """Mean and max |engine - trainer| log-prob over target tokens (rollout/train consistency),
+    sample by sample; a sample without engine log-probs contributes nothing."""
     diffs = [
-        abs(a - b)
-        for sample, recomputed in zip(samples, trainer)
-        for a, b in zip(sample.old_logprobs or [], recomputed)
+        abs(a - b) for ours, theirs in zip(engine, trainer) for a, b in zip(ours or [], theirs)
     ]
     if not diffs:
         return {"rollout/train_logprob_abs_diff": 0.0, "rollout/train_logprob_max_diff": 0.0}

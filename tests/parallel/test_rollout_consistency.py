@@ -1,4 +1,5 @@
-"""Rollout log-probs of the embedded engine equal the trainer's recomputation on SmolLM2 (fp32)."""
+"""Rollout log-probs of the embedded engine equal the trainer's on SmolLM2 (fp32), both from a
+no-grad forward and from the training forward the loop takes pi_old from."""
 
 from __future__ import annotations
 
@@ -13,3 +14,5 @@ def test_embedded_engine_logprobs_match_trainer(assets, tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["tokens"] >= 100
     assert metrics["rollout/train_logprob_abs_diff"] <= 1e-4, metrics
+    assert metrics["train_forward/rollout/train_logprob_abs_diff"] <= 1e-4, metrics
+    assert metrics["train_vs_no_grad_max_diff"] <= 1e-5, metrics

@@ -289,6 +289,29 @@ def test_mixed_prompt_lengths_match_running_alone(tiny):
                               torch.tensor(alone.completions[0].logprobs), atol=TOL)  # fmt: skip
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_shared_prefix_prefill_matches_running_alone(tiny, family):
+    """Prompts with a common 30-token head (of different lengths, some with several samples):
+    the head is prefilled once for the batch; tokens and log-probs equal each prompt alone."""
+    _, model, engine = tiny[family]
+    head = _prompts([30], 1000, seed=5)[0]
+    tails = _prompts([1, 12, 5, 20], 1000, seed=6)
+    prompts = [head + tail for tail in tails]
+    params = dict(temperature=0, max_new_tokens=8)
+    batch = engine.generate(
+        [GenerationRequest(f"r{i}", p, SamplingParams(n=1 + i % 2, **params))
+         for i, p in enumerate(prompts)]
+    )  # fmt: skip
+    for prompt, result in zip(prompts, batch):
+        alone = engine.generate(_requests([prompt], **params))[0].completions[0]
+        for completion in result.completions:
+            assert completion.token_ids == alone.token_ids
+            assert torch.allclose(torch.tensor(completion.logprobs), torch.tensor(alone.logprobs),
+                                  atol=TOL)  # fmt: skip
+            reference = _hf_logprobs(model, prompt, completion.token_ids)
+            assert (torch.tensor(completion.logprobs) - reference).abs().max() <= TOL
+
+
 def test_weight_update_version_and_validation(tiny, tmp_path):
     from safetensors.torch import load_file
 

@@ -157,3 +157,35 @@ def test_padded_vocabulary_rows_leave_the_softmax():
         fused_combined_loss(**{**args, "weight": weight.detach(), "labels": bad}, vocab_size=40)
     with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 48\]"):
         fused_combined_loss(**{**args, "weight": weight.detach()}, vocab_size=49)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "reference"])
+def test_on_policy_equals_old_logprobs_of_the_same_weights(kernels):
+    """old_logprobs=None (pi_old = the current policy) gives the loss and gradients of passing
+    the current log-probs explicitly: rho = 1, gradient -A d logp, nothing clipped."""
+    from megatron_mel.ops.reference import reference_combined_loss
+
+    case = next(c for c in CASES if c.name == "clip-both-sides")
+    data = build(case)
+    current = fused_combined_loss(
+        data["hidden_seed"], data["weight"], data["labels"], data["loss_type"],
+        data["token_weight"], data["advantages"], data["old_logprobs"],
+    ).logprobs  # fmt: skip
+    results = []
+    for old in (None, current):
+        hidden = data["hidden_seed"].clone().requires_grad_(True)
+        weight = data["weight"].clone().requires_grad_(True)
+        args = (hidden, weight, data["labels"], data["loss_type"], data["token_weight"],
+                data["advantages"], old)  # fmt: skip
+        if kernels == "reference":
+            loss, _, _, clipped = reference_combined_loss(*args)
+        else:
+            out = fused_combined_loss(*args, kernels=kernels)
+            loss, clipped = out.loss, out.clipped
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad, clipped))
+    (loss0, dh0, dw0, clipped0), (loss1, dh1, dw1, _) = results
+    assert not clipped0.any()
+    assert torch.allclose(loss0, loss1, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(dh0, dh1, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(dw0, dw1, rtol=1e-5, atol=1e-7)

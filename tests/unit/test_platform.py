@@ -1,10 +1,11 @@
-"""Platform pieces that run without a process group: the CPU RNG tracker and env parsing."""
+"""Platform pieces that run without a process group: CPU RNG tracker, env parsing, heap trim."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from megatron_mel import platform
 from megatron_mel.platform import CpuRNGStatesTracker, launcher_env
 
 
@@ -49,3 +50,45 @@ def test_launcher_env(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert launcher_env() == (3, 4, 3)  # torchrun wins over srun
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@pytest.mark.skipif(platform._glibc() is None, reason="malloc_trim is glibc's")
+def test_release_host_memory_returns_freed_heap_tensors_to_the_os():
+    # Freeing a 16 MiB mmapped block raises glibc's mmap threshold to 16 MiB, so the 8 MiB
+    # tensors below come from the heap and stay resident after they are freed.
+    block = torch.ones(4 * 2**20)
+    del block
+    tensors = [torch.ones(2 * 2**20) for _ in range(48)]  # 48 x 8 MiB, touched
+    pin = torch.ones(2**18)  # a live block above them: the heap top cannot shrink by itself
+    del tensors
+    before = _rss_bytes()
+    platform.release_host_memory()
+    assert before - _rss_bytes() >= 200 * 2**20
+    assert pin.sum() == 2**18
+
+
+def test_cpu_shims_suspended_pops_the_device_mode_and_restores_it():
+    # In a subprocess: the shims are process-wide once installed (docs/architecture.md).
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch.overrides import _get_current_function_mode as mode\n"
+        "from megatron_mel import platform\n"
+        "platform.install_cpu_shims()\n"
+        "shim = mode()\n"
+        "assert shim is not None and torch.zeros(1, device='cuda').device.type == 'cpu'\n"
+        "with platform.cpu_shims_suspended():\n"
+        "    assert mode() is None\n"
+        "assert mode() is shim\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,6 +1,8 @@
-"""Engine log-probs vs the trainer's recomputed log-probs on the same weights and tokens.
+"""Engine log-probs vs the trainer's on the same weights and tokens: from a no-grad forward
+(compute_logprobs) and from the training forward (forward_backward, on-policy samples).
 
-argv: OUT_JSON HF_DIR. Rank 0 writes the rollout/train mismatch metrics.
+argv: OUT_JSON HF_DIR. Rank 0 writes the rollout/train mismatch metrics of both, and the largest
+difference between the two trainer paths.
 """
 
 import json
@@ -57,7 +59,17 @@ def main() -> None:
         TrainSample(tokens=p + t, num_context=len(p), term="pg", old_logprobs=lp)
         for p, t, lp in from_driver(rollouts)
     ]
-    metrics = logprob_mismatch(samples, actor.compute_logprobs(samples))
+    engine = [s.old_logprobs for s in samples]
+    recomputed = actor.compute_logprobs(samples)
+    metrics = logprob_mismatch(engine, recomputed)
+    # The training forward (on-policy samples, as the loop trains them) yields the same values.
+    for sample in samples:
+        sample.old_logprobs = None
+    actor.forward_backward(samples, step=1, num_prompts=3)
+    trained = [s.train_logprobs for s in samples]
+    metrics.update({f"train_forward/{k}": v for k, v in logprob_mismatch(engine, trained).items()})
+    no_grad_vs_train = logprob_mismatch(recomputed, trained)
+    metrics["train_vs_no_grad_max_diff"] = no_grad_vs_train["rollout/train_logprob_max_diff"]
     metrics["tokens"] = sum(s.num_targets for s in samples)
     if ctx.rank == 0:
         with open(out, "w") as f:
