@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_mel", "megatron_mel.*"]),
     include_package_data=True,
-    package_data={"megatron_mel": ["**/*.txt", "**/*.jinja", "**/*.md"]},
+    package_data={"megatron_mel": ["**/*.txt", "**/*.jinja", "**/*.md", "models/shapes/*.json"]},
     install_requires=[
         # The CPU path pins torch==2.13.0 before this (see Makefile); clusters bring their own.
         "torch>=2.6",

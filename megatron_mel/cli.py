@@ -7,6 +7,8 @@ megatron-mel config   RECIPE.yaml [--set k=v ...]      validate and print a reso
 megatron-mel train    RECIPE.yaml [--set k=v ...]      train (spawns ranks, or runs under torchrun)
 megatron-mel eval     RECIPE.yaml [--hf-dir H]          evaluate a model on the recipe's benchmarks
 megatron-mel serve    RECIPE.yaml [--node N]            a rollout-only node's SGLang servers
+megatron-mel plan     RECIPE.yaml [--nodes N --gpus-per-node G --gpu-mem-gib M] [--json]
+                                                       layout + per-GPU memory, or a refusal
 """
 
 from __future__ import annotations
@@ -165,6 +167,41 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    """Print the layout and memory estimate; exit 2 with the reason when it cannot fit."""
+    import json
+
+    from megatron_mel.config import load_config
+    from megatron_mel.plan import describe, make_plan, to_json
+
+    parser = argparse.ArgumentParser(prog="megatron-mel plan")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="nodes of the allocation: training + launch.rollout_nodes")  # fmt: skip
+    parser.add_argument("--gpus-per-node", type=int, default=None)
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="training ranks per node (default: one per GPU)")  # fmt: skip
+    parser.add_argument("--gpu-mem-gib", type=float, default=None,
+                        help="memory of one GPU; without it the fit is not checked")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    for name in ("nodes", "gpus_per_node", "ranks_per_node"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"plan: --{name.replace('_', '-')} must be >= 1")
+    cfg = load_config(args.recipe, args.overrides)
+    plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     ranks_per_node=args.ranks_per_node, gpu_mem_gib=args.gpu_mem_gib)  # fmt: skip
+    if args.json:
+        print(json.dumps(to_json(plan), indent=1))
+    else:
+        print(describe(plan, cfg, args.recipe))
+    if plan.refusal is not None:
+        print(f"error: plan refused: {plan.refusal}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {
     "assets": _assets,
     "convert": _convert,
@@ -173,6 +210,7 @@ COMMANDS = {
     "train": _train,
     "eval": _eval,
     "serve": _serve,
+    "plan": _plan,
 }
 
 

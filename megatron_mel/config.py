@@ -91,7 +91,7 @@ class ParallelConfig:
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None disables."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tp > 1 and Transformer Engine or Apex norms: GPU)."""
+    """Megatron sequence parallelism (Transformer Engine or Apex norms: GPU); off at tp=1."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     timeout_minutes: int = 30
@@ -107,11 +107,9 @@ class ParallelConfig:
         _require(
             self.vpp is None or self.pp > 1, "parallel.vpp", "needs parallel.pp > 1 to interleave"
         )
-        _require(
-            not self.sequence_parallel or self.tp > 1,
-            "parallel.sequence_parallel",
-            "needs parallel.tp > 1",
-        )
+        # Nothing to split at tp=1: off, as Megatron-LM's own arguments do (so a recipe sized
+        # for TP can be re-planned at tp=1 with one override).
+        self.sequence_parallel = self.sequence_parallel and self.tp > 1
         _require(self.timeout_minutes > 0, "parallel.timeout_minutes", "must be positive")
 
 
