@@ -13,7 +13,7 @@ RECIPE_HASH  := $(shell cat Makefile setup.py | sha1sum | cut -c1-12)
 STAMP    := $(VENV)/.installed-$(RECIPE_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: setup assets test demo lint format clean
+.PHONY: setup assets slurm test demo lint format clean
 
 setup: $(STAMP)
 
@@ -34,7 +34,14 @@ $(STAMP):
 assets: setup
 	$(PY) tools/prepare_assets.py
 
-test: setup assets
+# Slurm + munge for the tests that submit the sbatch scripts to a local cluster (apt, as root;
+# nothing to do once installed). Without root or apt those tests skip and say why.
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		bash tools/local_slurm.sh install; \
+	else echo "make: not root or no apt-get: the Slurm tests will skip"; fi
+
+test: setup assets slurm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # A fresh run directory per demo (an existing one would be resumed, not rerun).

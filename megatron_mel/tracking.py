@@ -1,7 +1,8 @@
 """Experiment tracking: an MLflow run per training run, plus a console progress line with ETA.
 
 The store is ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a local sqlite file
-under the run directory (artifacts beside it). ``MLFLOW_EXPERIMENT_NAME`` overrides the
+under the run directory (artifacts beside it). With a tracking server (``http://...``) the
+server stores the artifacts (``mlflow server --artifacts-destination``); see docs/cluster.md. ``MLFLOW_EXPERIMENT_NAME`` overrides the
 experiment and ``MLFLOW_RUN_ID`` attaches to an existing run; a resumed training run reattaches
 to the run id saved in its checkpoint, so one MLflow run shows the whole training.
 
@@ -22,6 +23,14 @@ from megatron_mel.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 _PARAM_MAX = 500  # MLflow rejects longer parameter values on some stores
+
+
+def _artifact_location(uri: str, run_dir: Path) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store; a tracking server decides
+    itself (its --artifacts-destination, proxied), since the job's disk is not the server's."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return (run_dir / "mlartifacts").as_uri()
 
 
 class Tracker:
@@ -71,7 +80,7 @@ class Tracker:
                 experiment.experiment_id
                 if experiment is not None
                 else client.create_experiment(
-                    name, artifact_location=(run_dir / "mlartifacts").as_uri()
+                    name, artifact_location=_artifact_location(uri, run_dir)
                 )
             )
             run = client.create_run(experiment_id, run_name=cfg.run_name or run_name)

@@ -106,8 +106,8 @@ start_munge() {
   munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
     --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" \
     --seed-file="$DIR/munge/munged.seed"
-  local i
-  for i in $(seq 50); do
+  local _
+  for _ in $(seq 50); do
     if [[ -S $DIR/munge/munge.socket && -s $DIR/munge/munged.pid ]]; then return 0; fi
     sleep 0.1
   done
@@ -148,11 +148,11 @@ up() {
 }
 
 stop_pid_file() {
-  local file=$1 pid i
+  local file=$1 pid _
   [[ -s $file ]] || return 0
   pid=$(cat "$file")
   if kill -TERM "$pid" 2>/dev/null; then
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
       kill -0 "$pid" 2>/dev/null || return 0
       sleep 0.1
     done
@@ -165,8 +165,8 @@ down() {
   if [[ -f $DIR/slurm.conf ]]; then
     export SLURM_CONF=$DIR/slurm.conf
     scancel --full --quiet --user=root 2>/dev/null || true
-    local i
-    for i in $(seq 100); do
+    local _
+    for _ in $(seq 100); do
       [[ -z $(squeue -h -t running,completing -o %i 2>/dev/null) ]] && break
       sleep 0.1
     done
