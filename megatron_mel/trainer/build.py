@@ -146,8 +146,12 @@ def start_servers(cfg: RunConfig, layout: Layout) -> NodeServers | None:
     return servers
 
 
-def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngine:
-    """The rollout engine (driver only); weights start from model.hf_dir."""
+def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout | None = None) -> RolloutEngine:
+    """The rollout engine (driver only); weights start from model.hf_dir.
+
+    Without a ``layout`` (``megatron-mel eval``, one process) SGLang servers must be given by
+    ``rollout.sglang.urls``.
+    """
     if cfg.rollout.engine == "embedded":
         from megatron_mel.rollout.embedded import EmbeddedEngine
 
@@ -161,6 +165,11 @@ def build_engine(cfg: RunConfig, arch: ModelArch, layout: Layout) -> RolloutEngi
 
         if cfg.rollout.sglang.urls:
             return SGLangEngine.connect(cfg.rollout)
+        if layout is None:
+            raise ConfigError(
+                "rollout.sglang.urls: evaluation with rollout.engine=sglang connects to running "
+                "servers (start them with `megatron-mel serve` or SGLang itself)"
+            )
         deadline = time.monotonic() + cfg.rollout.sglang.launch_timeout_s
         for slot in layout.engines_on_rollout_nodes():  # started by `megatron-mel serve`
             wait_ready(slot.url, deadline)
