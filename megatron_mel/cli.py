@@ -158,6 +158,9 @@ def _serve(argv: list[str]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # Slurm's time-limit warning reaches every process of the step; the trainers finish their
+    # step on these servers first, and `srun --wait` ends this task once they are done.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         for url in servers.start():
             print(f"serving {url}", flush=True)
