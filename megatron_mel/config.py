@@ -360,7 +360,12 @@ class CheckpointConfig:
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the newest complete checkpoint in `dir` if there is one."""
     walltime_minutes: float | None = None
-    """Job walltime (e.g. from Slurm); a checkpoint is written before it runs out."""
+    """Job walltime, counted from the trainer's start; a checkpoint is written before it runs
+    out."""
+    job_end_time: float | None = None
+    """Unix time at which the scheduler ends the job (slurm/launch.sh reads it from squeue); a
+    checkpoint is written before it. Unlike walltime_minutes, model loading does not eat into
+    the margin."""
 
     def __post_init__(self) -> None:
         _require(self.save_every >= 1, "checkpoint.save_every", "must be >= 1")

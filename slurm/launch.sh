@@ -88,11 +88,13 @@ MASTER_ADDR=${HOSTS[0]}
 MASTER_PORT=${MASTER_PORT:-$((20000 + JOB % 20000))}
 export MEL_NODE_HOSTS MASTER_ADDR MASTER_PORT MEL_RANKS_PER_NODE=$RANKS MEL_TRAIN_NODES=$TRAIN_NODES
 
-# Minutes until Slurm ends the job: the trainer saves a final checkpoint before then.
+# When Slurm ends the job (Unix time; 22.05 has no SLURM_JOB_END_TIME): the trainer saves a
+# final checkpoint before then.
 END=$(SLURM_TIME_FORMAT=%s squeue -h -j "$JOB" -o %e 2>/dev/null || true)
 TRAIN_ARGS=(--set "launch.run_dir=$RUN_DIR" --set "launch.nodes=$TRAIN_NODES")
 if [[ $END =~ ^[0-9]+$ ]]; then
-  TRAIN_ARGS+=(--set "checkpoint.walltime_minutes=$(((END - $(date +%s)) / 60))")
+  echo "launch: the job ends at $(date -d "@$END" '+%F %T') ($(((END - $(date +%s)) / 60)) min left)"
+  TRAIN_ARGS+=(--set "checkpoint.job_end_time=$END")
 fi
 if ((GPUS > 0)); then TRAIN_ARGS+=(--set "launch.gpus_per_node=$GPUS"); fi
 
