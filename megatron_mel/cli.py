@@ -235,5 +235,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+EXIT_STATUS_ENV = "MEL_EXIT_STATUS_FILE"
+
+
+def record_exit_status(code: int) -> None:
+    """Rank 0 writes its exit status to ``$MEL_EXIT_STATUS_FILE`` when set: torchrun reports any
+    failed worker as 1, and slurm/launch.sh needs to tell a stop at a checkpoint (75, requeue)
+    from a failure."""
+    import os
+
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(f"{code}\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    record_exit_status(status)
+    sys.exit(status)

@@ -87,6 +87,10 @@ MEL_NODE_HOSTS=$(IFS=,; echo "${HOSTS[*]}")
 MASTER_ADDR=${HOSTS[0]}
 MASTER_PORT=${MASTER_PORT:-$((20000 + JOB % 20000))}
 export MEL_NODE_HOSTS MASTER_ADDR MASTER_PORT MEL_RANKS_PER_NODE=$RANKS MEL_TRAIN_NODES=$TRAIN_NODES
+# Rank 0's exit status (torchrun turns every worker failure into 1): 75 = stopped at a
+# checkpoint before the end, to be continued.
+export MEL_EXIT_STATUS_FILE=$RUN_DIR/.exit_status
+rm -f "$MEL_EXIT_STATUS_FILE"
 
 # When Slurm ends the job (Unix time; 22.05 has no SLURM_JOB_END_TIME): the trainer saves a
 # final checkpoint before then.
@@ -129,9 +133,13 @@ while true; do
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
 
-if [[ $STOP_SIGNAL == USR1 ]]; then
+TRAINER_STATUS=$(cat "$MEL_EXIT_STATUS_FILE" 2>/dev/null || true)
+# Requeue after the time-limit warning, or when the trainer stopped itself at a checkpoint ahead
+# of the end time; never after scancel (SIGTERM), which means stop.
+if [[ $STOP_SIGNAL == USR1 || ($TRAINER_STATUS == 75 && $STOP_SIGNAL != TERM) ]]; then
   echo "launch: requeueing job $JOB; it resumes from the newest checkpoint in $RUN_DIR"
-  scontrol requeue "$JOB"
-  exit 0
+  if scontrol requeue "$JOB"; then exit 0; fi
+  echo "launch: job $JOB cannot be requeued (--no-requeue?); resubmit with MEL_RUN_DIR=$RUN_DIR" >&2
+  exit 75
 fi
-exit "$status"
+exit "${TRAINER_STATUS:-$status}"
