@@ -35,12 +35,8 @@ if [[ -n ${MEL_VENV:-} ]]; then
 fi
 PY=${MEL_PYTHON:-python}
 ARGS=("$@")
-if [[ -n ${MEL_EXTRA_ARGS:-} ]]; then
-  read -r -a extra <<<"$MEL_EXTRA_ARGS"
-  ARGS+=("${extra[@]}")
-fi
 
-# -- on every node: the task srun started -------------------------------------------------------
+# -- on every node: the task srun started (its arguments are the batch shell's, completed) -------
 if [[ ${MEL_NODE_TASK:-} == 1 ]]; then
   NODE=${SLURM_NODEID:?SLURM_NODEID is not set: run this under srun}
   if ((NODE >= MEL_TRAIN_NODES)); then
@@ -54,6 +50,10 @@ if [[ ${MEL_NODE_TASK:-} == 1 ]]; then
 fi
 
 # -- in the batch shell ---------------------------------------------------------------------------
+if [[ -n ${MEL_EXTRA_ARGS:-} ]]; then
+  read -r -a extra <<<"$MEL_EXTRA_ARGS"
+  ARGS+=("${extra[@]}")
+fi
 JOB=${SLURM_JOB_ID:?not in a Slurm job: submit with sbatch slurm/mel_*.sh}
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS=${SLURM_GPUS_ON_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)}

@@ -4,6 +4,7 @@ policy, 3 steps, logging to an MLflow tracking server.
 * scancel once step 1 is checkpointed; a resubmission naming the same run directory resumes
   after the last checkpoint the first job left; the whole training is one MLflow run.
 * SIGUSR1 to the batch shell (the time-limit warning): the job requeues itself and resumes.
+* a recipe `megatron-mel plan` refuses stops the job before anything starts.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 
 
-def _sbatch(cluster, out, env_run_dir, policy, mlflow_uri, experiment="mel-slurm-e2e") -> str:
+def _sbatch(
+    cluster, out, env_run_dir, policy, mlflow_uri, experiment="mel-slurm-e2e", extra=()
+) -> str:
     overrides = [*MICRO_OVERRIDES, f"model.hf_dir={policy}", f"trainer.num_steps={STEPS}",
                  "trainer.eval_every=0", "checkpoint.save_every=1", "checkpoint.keep_last=3"]  # fmt: skip
-    args = [a for item in overrides for a in ("--set", item)]
+    args = [*(a for item in overrides for a in ("--set", item)), *extra]
     env = {**train_env(), **cluster.env, "MEL_RUN_DIR": str(env_run_dir),
            "MEL_PYTHON": sys.executable, "MLFLOW_TRACKING_URI": mlflow_uri,
            "MLFLOW_EXPERIMENT_NAME": experiment}  # fmt: skip
@@ -120,3 +123,18 @@ def test_sigusr1_before_the_time_limit_requeues_and_resumes(
     assert run.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert steps == {1, 2, 3}
+
+
+def test_a_recipe_that_does_not_fit_stops_the_job_before_training(
+    slurm_cluster, mlflow_server, micro_policy, tmp_path
+):
+    out = tmp_path / "job.out"
+    job = _sbatch(slurm_cluster, out, tmp_path / "run", micro_policy, mlflow_server,
+                  extra=["--set", "parallel.pp=3"])  # fmt: skip
+    assert slurm_cluster.wait_done(job, timeout=300) == "FAILED"
+    info = slurm_cluster.run("scontrol", "show", "job", "-o", job)
+    assert "ExitCode=2:0" in info, info
+    log = _read(out)
+    assert "error: plan refused: parallel.pp=3 does not divide the 2 layers" in log, log
+    assert "launch: megatron-mel plan refused this allocation" in log
+    assert "step 1/" not in log and not (tmp_path / "run" / "checkpoints").exists()
