@@ -97,7 +97,7 @@ def iter_hf_tensors(
             if mapping.is_tied_copy:
                 continue
             local = params[mapping.name].detach()
-            if tp_size > 1 and mapping.rule.layout.kind != "replicated":
+            if tp_size > 1 and mapping.rule.layout.sharded:
                 local = platform.on_collective_device(local.contiguous(), tp_group)
                 shards = [
                     platform.on_collective_device(torch.empty_like(local), tp_group)

@@ -1,22 +1,26 @@
 """The one HF <-> Megatron parameter mapping, used by checkpoint conversion and weight sync.
 
 Each Megatron parameter of a GPT model matches one :class:`Rule` of :data:`RULES`. A rule names
-the Hugging Face tensors it corresponds to and a :class:`Layout` saying how they are arranged and
-split over tensor-parallel ranks. Two pure functions do all the work:
+the Hugging Face tensors it corresponds to and a :class:`Layout`: the type that knows how those
+tensors sit in the Megatron parameter, so one object answers all three questions:
 
-* :func:`Layout.shard` builds one TP rank's Megatron tensor from the HF tensors;
-* :func:`Layout.merge` rebuilds the HF tensors from the list of all TP ranks' shards.
+* :meth:`Layout.shard` builds one TP rank's Megatron tensor from the HF tensors;
+* :meth:`Layout.merge` rebuilds the HF tensors from the list of all TP ranks' shards;
+* :meth:`Layout.hf_shapes` gives the HF tensors' shapes (what a weight-sync receiver allocates).
 
-Layouts (shapes for hidden H, query heads n, KV heads g, head dim d, FFN F, vocab V):
+Layouts (hidden H, query heads n, KV heads g, head dim d, FFN F, vocab V):
 
-    replicated  norms: identical on every TP rank.
-    column      split on dim 0 (e.g. none today; kept for completeness of the scheme).
-    row         split on dim 1: o_proj [H, n*d], down_proj [H, F].
-    qkv         q [n*d, H], k [g*d, H], v [g*d, H] -> per KV group [q_0..q_{n/g-1}, k, v] rows,
-                then split on dim 0 (each rank owns whole groups). Biases the same, 1-D.
-    gate_up     gate [F, H], up [F, H] -> rank r holds [gate_r; up_r], split F by TP first.
-    vocab       embeddings / lm_head [V, H]: zero rows pad V to the padded vocab, split on dim 0;
-                merging drops the padding.
+    Replicated      norms: identical on every TP rank ([H], or [d] for q/k norms).
+    RowParallel     split on dim 1: o_proj [H, n*d], down_proj [H, F].
+    FusedQKV        q [n*d, H], k [g*d, H], v [g*d, H] -> per KV group [q_0..q_{n/g-1}, k, v]
+                    rows, then split on dim 0 (each rank owns whole groups). Biases the same, 1-D.
+    FusedGateUp     gate [F, H], up [F, H] -> rank r holds [gate_r; up_r], F split by TP first.
+    VocabParallel   embeddings / lm_head [V, H]: zero rows pad V to the padded vocab, split on
+                    dim 0; merging drops the padding.
+
+Tied embeddings: the last pipeline stage keeps a copy of the embedding as its output layer. Its
+rule is the one with ``exported=False``: loaded from ``model.embed_tokens.weight``, never written
+back (the first stage exports the table). Nothing else in the code base special-cases it.
 
 Parameter names are canonicalised first: Transformer Engine fuses the pre-attention / pre-MLP
 norms into the following linear (``linear_qkv.layer_norm_weight``), the local spec keeps them as
@@ -27,6 +31,7 @@ applied by the caller from ``TransformerLayer.layer_number``).
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,78 +40,129 @@ from torch import Tensor
 
 from megatron_mel.models.arch import ModelArch
 
+Shape = tuple[int, ...]
+
 
 class MappingError(KeyError):
     """A Megatron parameter with no mapping rule, or HF tensors of unexpected shape."""
 
 
-@dataclass(frozen=True, slots=True)
-class Layout:
-    kind: str  # replicated | column | row | qkv | gate_up | vocab
+class Layout(ABC):
+    """How a rule's HF tensors are arranged in one Megatron parameter and split over TP."""
 
+    sharded = True
+    """False when every TP rank holds the whole tensor (no gather needed to export it)."""
+
+    @abstractmethod
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        """Shapes of the rule's HF tensors, in rule order."""
+
+    @abstractmethod
     def shard(
         self, hf: list[Tensor], arch: ModelArch, tp_rank: int, tp_size: int, padded_vocab: int
     ) -> Tensor:
         """This TP rank's Megatron tensor from the rule's HF tensors (in rule order)."""
-        kind = self.kind
-        if kind == "replicated":
-            return hf[0]
-        if kind == "column":
-            return _split(hf[0], 0, tp_rank, tp_size)
-        if kind == "row":
-            return _split(hf[0], 1, tp_rank, tp_size)
-        if kind == "vocab":
-            weight = hf[0]
-            if weight.shape[0] > padded_vocab:
-                raise MappingError(f"vocab {weight.shape[0]} larger than padded {padded_vocab}")
-            pad = weight.new_zeros(padded_vocab - weight.shape[0], *weight.shape[1:])
-            return _split(torch.cat([weight, pad]), 0, tp_rank, tp_size)
-        if kind == "qkv":
-            q, k, v = hf
-            g, d = arch.num_kv_heads, arch.head_dim
-            rest = q.shape[1:]
-            grouped = torch.cat(
-                [
-                    q.reshape(g, arch.q_per_kv * d, *rest),
-                    k.reshape(g, d, *rest),
-                    v.reshape(g, d, *rest),
-                ],
-                dim=1,
-            )  # [g, (n/g + 2) * d, ...]
-            return _split(grouped, 0, tp_rank, tp_size).reshape(-1, *rest)
-        if kind == "gate_up":
-            gate, up = hf
-            return torch.cat(
-                [_split(gate, 0, tp_rank, tp_size), _split(up, 0, tp_rank, tp_size)], dim=0
-            )
-        raise MappingError(f"unknown layout {kind!r}")
 
+    @abstractmethod
     def merge(self, shards: list[Tensor], arch: ModelArch) -> list[Tensor]:
         """The rule's HF tensors (in rule order) from every TP rank's shard, rank-ordered."""
-        kind = self.kind
-        if kind == "replicated":
-            return [shards[0]]
-        if kind in ("column", "vocab"):
-            full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
-            return [full[: arch.vocab_size] if kind == "vocab" else full]
-        if kind == "row":
-            return [shards[0] if len(shards) == 1 else torch.cat(shards, dim=1)]
-        if kind == "qkv":
-            g, d, qd = arch.num_kv_heads, arch.head_dim, arch.q_per_kv * arch.head_dim
-            full = torch.cat(shards, dim=0)
-            rest = full.shape[1:]
-            grouped = full.reshape(g, qd + 2 * d, *rest)
-            return [
-                grouped[:, :qd].reshape(g * qd, *rest),
-                grouped[:, qd : qd + d].reshape(g * d, *rest),
-                grouped[:, qd + d :].reshape(g * d, *rest),
-            ]
-        if kind == "gate_up":
-            halves = [s.chunk(2, dim=0) for s in shards]
-            if len(halves) == 1:  # views; callers copy them where they need them
-                return [halves[0][0], halves[0][1]]
-            return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
-        raise MappingError(f"unknown layout {kind!r}")
+
+
+@dataclass(frozen=True)
+class Replicated(Layout):
+    shape: Callable[[ModelArch], Shape]
+    sharded = False
+
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        return [self.shape(arch)]
+
+    def shard(self, hf, arch, tp_rank, tp_size, padded_vocab):  # type: ignore[no-untyped-def]
+        return hf[0]
+
+    def merge(self, shards: list[Tensor], arch: ModelArch) -> list[Tensor]:
+        return [shards[0]]
+
+
+@dataclass(frozen=True)
+class RowParallel(Layout):
+    shape: Callable[[ModelArch], Shape]
+
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        return [self.shape(arch)]
+
+    def shard(self, hf, arch, tp_rank, tp_size, padded_vocab):  # type: ignore[no-untyped-def]
+        return _split(hf[0], 1, tp_rank, tp_size)
+
+    def merge(self, shards: list[Tensor], arch: ModelArch) -> list[Tensor]:
+        return [shards[0] if len(shards) == 1 else torch.cat(shards, dim=1)]
+
+
+@dataclass(frozen=True)
+class VocabParallel(Layout):
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        return [(arch.vocab_size, arch.hidden_size)]
+
+    def shard(self, hf, arch, tp_rank, tp_size, padded_vocab):  # type: ignore[no-untyped-def]
+        weight = hf[0]
+        if weight.shape[0] > padded_vocab:
+            raise MappingError(f"vocab {weight.shape[0]} larger than padded {padded_vocab}")
+        pad = weight.new_zeros(padded_vocab - weight.shape[0], *weight.shape[1:])
+        return _split(torch.cat([weight, pad]), 0, tp_rank, tp_size)
+
+    def merge(self, shards: list[Tensor], arch: ModelArch) -> list[Tensor]:
+        full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
+        return [full[: arch.vocab_size]]
+
+
+@dataclass(frozen=True)
+class FusedQKV(Layout):
+    bias: bool = False
+
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        rest = () if self.bias else (arch.hidden_size,)
+        return [(q, *rest), (kv, *rest), (kv, *rest)]
+
+    def shard(self, hf, arch, tp_rank, tp_size, padded_vocab):  # type: ignore[no-untyped-def]
+        q, k, v = hf
+        g, d = arch.num_kv_heads, arch.head_dim
+        rest = q.shape[1:]
+        grouped = torch.cat(
+            [
+                q.reshape(g, arch.q_per_kv * d, *rest),
+                k.reshape(g, d, *rest),
+                v.reshape(g, d, *rest),
+            ],
+            dim=1,
+        )  # [g, (n/g + 2) * d, ...]
+        return _split(grouped, 0, tp_rank, tp_size).reshape(-1, *rest)
+
+    def merge(self, shards: list[Tensor], arch: ModelArch) -> list[Tensor]:
+        g, d, qd = arch.num_kv_heads, arch.head_dim, arch.q_per_kv * arch.head_dim
+        full = torch.cat(shards, dim=0)
+        rest = full.shape[1:]
+        grouped = full.reshape(g, qd + 2 * d, *rest)
+        return [
+            grouped[:, :qd].reshape(g * qd, *rest),
+            grouped[:, qd : qd + d].reshape(g * d, *rest),
+            grouped[:, qd + d :].reshape(g * d, *rest),
+        ]
+
+
+@dataclass(frozen=True)
+class FusedGateUp(Layout):
+    def hf_shapes(self, arch: ModelArch) -> list[Shape]:
+        return [(arch.ffn_hidden_size, arch.hidden_size)] * 2
+
+    def shard(self, hf, arch, tp_rank, tp_size, padded_vocab):  # type: ignore[no-untyped-def]
+        gate, up = hf
+        return torch.cat([_split(gate, 0, tp_rank, tp_size), _split(up, 0, tp_rank, tp_size)])
+
+    def merge(self, shards: list[Tensor], arch: ModelArch) -> list[Tensor]:
+        halves = [s.chunk(2, dim=0) for s in shards]
+        if len(halves) == 1:  # views; callers copy them where they need them
+            return [halves[0][0], halves[0][1]]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
 
 
 def _split(t: Tensor, dim: int, rank: int, size: int) -> Tensor:
@@ -123,74 +179,49 @@ class Rule:
     """HF tensor names; ``{i}`` as above."""
     layout: Layout
     applies: Callable[[ModelArch], bool] = lambda arch: True
+    exported: bool = True
+    """False for the tied output layer: a copy of the embedding, loaded but never exported."""
 
     def hf_names(self, layer: int | None) -> list[str]:
         return [name.format(i=layer) for name in self.hf]
 
 
+def _hidden(arch: ModelArch) -> Shape:
+    return (arch.hidden_size,)
+
+
+def _head(arch: ModelArch) -> Shape:
+    return (arch.head_dim,)
+
+
 _L = "model.layers.{i}."
 RULES: tuple[Rule, ...] = (
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Layout("vocab")),
-    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), Layout("replicated")),
-    # With tied embeddings the last pipeline stage keeps a copy of the embedding as its output
-    # layer; it maps back to the embedding table and is skipped on export.
-    Rule(
-        "output_layer.weight",
-        ("lm_head.weight",),
-        Layout("vocab"),
-        applies=lambda arch: not arch.tie_embeddings,
-    ),
-    Rule(
-        "output_layer.weight",
-        ("model.embed_tokens.weight",),
-        Layout("vocab"),
-        applies=lambda arch: arch.tie_embeddings,
-    ),
-    Rule(
-        "decoder.layers.{i}.input_layernorm.weight",
-        (_L + "input_layernorm.weight",),
-        Layout("replicated"),
-    ),
-    Rule(
-        "decoder.layers.{i}.self_attention.linear_qkv.weight",
-        tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"),
-        Layout("qkv"),
-    ),
-    Rule(
-        "decoder.layers.{i}.self_attention.linear_qkv.bias",
-        tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"),
-        Layout("qkv"),
-        applies=lambda arch: arch.qkv_bias,
-    ),
-    Rule(
-        "decoder.layers.{i}.self_attention.q_layernorm.weight",
-        (_L + "self_attn.q_norm.weight",),
-        Layout("replicated"),
-        applies=lambda arch: arch.qk_norm,
-    ),
-    Rule(
-        "decoder.layers.{i}.self_attention.k_layernorm.weight",
-        (_L + "self_attn.k_norm.weight",),
-        Layout("replicated"),
-        applies=lambda arch: arch.qk_norm,
-    ),
-    Rule(
-        "decoder.layers.{i}.self_attention.linear_proj.weight",
-        (_L + "self_attn.o_proj.weight",),
-        Layout("row"),
-    ),
-    Rule(
-        "decoder.layers.{i}.pre_mlp_layernorm.weight",
-        (_L + "post_attention_layernorm.weight",),
-        Layout("replicated"),
-    ),
-    Rule(
-        "decoder.layers.{i}.mlp.linear_fc1.weight",
-        (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
-        Layout("gate_up"),
-    ),
-    Rule("decoder.layers.{i}.mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), Layout("row")),
-)
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VocabParallel()),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), Replicated(_hidden)),
+    Rule("output_layer.weight", ("lm_head.weight",), VocabParallel(),
+         applies=lambda arch: not arch.tie_embeddings),
+    Rule("output_layer.weight", ("model.embed_tokens.weight",), VocabParallel(),
+         applies=lambda arch: arch.tie_embeddings, exported=False),
+    Rule("decoder.layers.{i}.input_layernorm.weight", (_L + "input_layernorm.weight",),
+         Replicated(_hidden)),
+    Rule("decoder.layers.{i}.self_attention.linear_qkv.weight",
+         tuple(_L + f"self_attn.{p}_proj.weight" for p in "qkv"), FusedQKV()),
+    Rule("decoder.layers.{i}.self_attention.linear_qkv.bias",
+         tuple(_L + f"self_attn.{p}_proj.bias" for p in "qkv"), FusedQKV(bias=True),
+         applies=lambda arch: arch.qkv_bias),
+    Rule("decoder.layers.{i}.self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",),
+         Replicated(_head), applies=lambda arch: arch.qk_norm),
+    Rule("decoder.layers.{i}.self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",),
+         Replicated(_head), applies=lambda arch: arch.qk_norm),
+    Rule("decoder.layers.{i}.self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",),
+         RowParallel(lambda a: (a.hidden_size, a.num_heads * a.head_dim))),
+    Rule("decoder.layers.{i}.pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",),
+         Replicated(_hidden)),
+    Rule("decoder.layers.{i}.mlp.linear_fc1.weight",
+         (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), FusedGateUp()),
+    Rule("decoder.layers.{i}.mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",),
+         RowParallel(lambda a: (a.hidden_size, a.ffn_hidden_size))),
+)  # fmt: skip
 
 # Transformer Engine fuses the norms into the next linear; these are the same parameters.
 _TE_ALIASES = (
@@ -215,9 +246,7 @@ class ParamMapping:
     @property
     def is_tied_copy(self) -> bool:
         """The last stage's copy of tied embeddings: loaded from, but never exported to, HF."""
-        return self.rule.megatron == "output_layer.weight" and self.rule.hf == (
-            "model.embed_tokens.weight",
-        )
+        return not self.rule.exported
 
 
 def canonical_name(name: str) -> str:
@@ -247,45 +276,26 @@ def map_param(name: str, arch: ModelArch, layer_offset: int = 0) -> ParamMapping
     raise MappingError(f"no HF mapping for Megatron parameter {name!r} ({arch.family})")
 
 
-def expected_hf_names(arch: ModelArch) -> list[str]:
-    """Every HF tensor name a checkpoint of ``arch`` holds (the coverage contract)."""
-    names: list[str] = []
+def hf_tensor_shapes(arch: ModelArch) -> dict[str, Shape]:
+    """Every exported HF tensor of ``arch`` with its shape, in rule and layer order."""
+    shapes: dict[str, Shape] = {}
     for rule in RULES:
-        if not rule.applies(arch) or (
-            rule.megatron == "output_layer.weight" and arch.tie_embeddings
-        ):
+        if not rule.applies(arch) or not rule.exported:
             continue
         layers = range(arch.num_layers) if "{i}" in rule.megatron else [None]
         for layer in layers:
-            names.extend(rule.hf_names(layer))
-    return names
+            shapes.update(zip(rule.hf_names(layer), rule.layout.hf_shapes(arch)))
+    return shapes
 
 
-def hf_tensor_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
+def expected_hf_names(arch: ModelArch) -> list[str]:
+    """Every HF tensor name a checkpoint of ``arch`` holds (the coverage contract)."""
+    return list(hf_tensor_shapes(arch))
+
+
+def hf_tensor_shape(name: str, arch: ModelArch) -> Shape:
     """Shape of HF tensor ``name`` for ``arch`` (what a weight-sync receiver preallocates)."""
-    h, d, f = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
-    q, kv = arch.num_heads * d, arch.num_kv_heads * d
-    suffixes = {
-        "embed_tokens.weight": (arch.vocab_size, h),
-        "lm_head.weight": (arch.vocab_size, h),
-        "norm.weight": (h,),
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "q_proj.weight": (q, h),
-        "k_proj.weight": (kv, h),
-        "v_proj.weight": (kv, h),
-        "q_proj.bias": (q,),
-        "k_proj.bias": (kv,),
-        "v_proj.bias": (kv,),
-        "q_norm.weight": (d,),
-        "k_norm.weight": (d,),
-        "o_proj.weight": (h, q),
-        "gate_proj.weight": (f, h),
-        "up_proj.weight": (f, h),
-        "down_proj.weight": (h, f),
-    }
-    # Longest suffix first: "q_norm.weight" must not be taken for the final "norm.weight".
-    for suffix in sorted(suffixes, key=len, reverse=True):
-        if name.endswith(suffix):
-            return suffixes[suffix]
-    raise MappingError(f"unknown HF tensor {name!r}")
+    try:
+        return hf_tensor_shapes(arch)[name]
+    except KeyError:
+        raise MappingError(f"unknown HF tensor {name!r}") from None

@@ -34,7 +34,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_mel import platform
 from megatron_mel.convert.checkpoint import iter_hf_tensors, param_mappings
-from megatron_mel.convert.mapping import expected_hf_names, hf_tensor_shape
+from megatron_mel.convert.mapping import expected_hf_names, hf_tensor_shapes
 from megatron_mel.models.arch import ModelArch
 from megatron_mel.rollout.engine import BucketEntry, RolloutEngine, WeightBucket
 
@@ -80,11 +80,12 @@ class SyncPlan:
     ) -> tuple[BucketPlan, ...]:
         """Group ``names`` (in order) into buckets of at most ``bucket_bytes`` (pure)."""
         element = torch.tensor([], dtype=dtype).element_size()
+        shapes = hf_tensor_shapes(arch)
         buckets: list[BucketPlan] = []
         entries: list[BucketEntry] = []
         offset = 0
         for name in names:
-            shape = hf_tensor_shape(name, arch)
+            shape = shapes[name]
             numel = 1
             for dim in shape:
                 numel *= dim

@@ -64,7 +64,8 @@ def logprob_errors(model_dir: Path, tokens: list[int], logprobs: list[float], te
     return (got - raw).abs().mean().item(), (got - scaled).abs().mean().item()
 
 
-def run_engine_checks(engine, model_dir: Path) -> None:
+def run_engine_checks(engine, model_dir: Path, load) -> None:
+    """``load(bucket)`` delivers one bucket the way this engine's transport does."""
     greedy = [GenerationRequest("g", PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12))]
     before = engine.generate(greedy)[0].completions[0]
     assert before.token_ids and all(lp <= 1e-4 for lp in before.logprobs)
@@ -84,7 +85,9 @@ def run_engine_checks(engine, model_dir: Path) -> None:
     flipped = (-norm).to(torch.bfloat16).cuda()  # negated final norm: other greedy tokens
     engine.pause()
     engine.flush()
-    engine.update_weights([WeightBucket.from_tensors([(NORM, flipped)])], 1)
+    engine.begin_weight_update()
+    load(WeightBucket.from_tensors([(NORM, flipped)]))
+    engine.commit_weights(1)
     engine.resume()
     after = engine.generate(greedy)[0].completions[0]
     assert after.token_ids != before.token_ids and after.weight_version == 1
@@ -99,30 +102,44 @@ def run_engine_checks(engine, model_dir: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs sglang")
 def test_sglang_real_engine(model_dir, tmp_path):
-    from megatron_mel.platform import free_port
+    """One server on GPU 0 started like a node's launcher starts it; the bucket goes over CUDA
+    IPC as the colocated transport sends it (one entry: tp=1)."""
+    from megatron_mel.rollout.http import poster
+    from megatron_mel.rollout.placement import EngineSlot
+    from megatron_mel.rollout.servers import NodeServers
     from megatron_mel.rollout.sglang_engine import SGLangEngine
+    from megatron_mel.rollout.sglang_weights import free_port, sglang_serializer, tensor_request
 
     cfg = RolloutConfig(
         engine="sglang",
         placement="colocate",
-        sglang=SGLangConfig(mem_fraction_static=0.3, base_port=free_port(), request_timeout_s=300),
+        sglang=SGLangConfig(
+            mem_fraction_static=0.3,
+            request_timeout_s=300,
+            # Released weights come back only with a CPU backup; an RL step re-pushes them.
+            extra_server_args=["--dtype", "bfloat16", "--enable-weights-cpu-backup"],
+        ),
     )
-    engine = SGLangEngine(
-        cfg,
-        model_path=str(model_dir),
-        # Released weights come back only with a CPU backup; an RL step re-pushes them instead.
-        extra_server_args=["--dtype", "bfloat16", "--enable-weights-cpu-backup"],
-        truncate_size=4,
-        log_dir=str(tmp_path),
-    )
+    slot = EngineSlot(index=0, node=0, gpus=(0,), host="127.0.0.1", port=free_port())
+    servers = NodeServers([slot], cfg.rollout, model_path=str(model_dir), seed=0, log_dir=tmp_path)
+    servers.start()
+    serialize = sglang_serializer()
     try:
-        run_engine_checks(engine, model_dir)
+        engine = SGLangEngine([slot.url], engine_tps=[1], truncate_size=4)
+
+        def load(bucket):
+            poster(
+                slot.url, "/update_weights_from_tensor", tensor_request([serialize(bucket)]), 300
+            )()
+
+        run_engine_checks(engine, model_dir, load)
     finally:
-        engine.shutdown()
+        servers.close()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm")
-def test_vllm_real_engine(model_dir):
+def test_vllm_real_engine(model_dir, tmp_path):
+    """vLLM in its own process (the default); buckets travel as CUDA IPC handles."""
     from megatron_mel.rollout.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(
@@ -130,8 +147,9 @@ def test_vllm_real_engine(model_dir):
         gpu_memory_utilization=0.3,
         dtype="bfloat16",
         llm_kwargs={"enforce_eager": True},
+        log_dir=str(tmp_path),
     )
     try:
-        run_engine_checks(engine, model_dir)
+        run_engine_checks(engine, model_dir, lambda bucket: engine.load_weights([bucket]))
     finally:
         engine.shutdown()

@@ -8,10 +8,17 @@ import torch
 
 from megatron_mel.convert.mapping import (
     RULES,
+    FusedGateUp,
+    FusedQKV,
     Layout,
     MappingError,
+    Replicated,
+    RowParallel,
+    VocabParallel,
     canonical_name,
     expected_hf_names,
+    hf_tensor_shape,
+    hf_tensor_shapes,
     map_param,
 )
 from megatron_mel.models.arch import arch_from_hf_config
@@ -32,31 +39,22 @@ def _arch(family: str = "qwen2", **extra):
     return arch_from_hf_config({**BASE, **extra, "architectures": [name[family]]})
 
 
-def _hf_tensors(layout: str, arch) -> list[torch.Tensor]:
-    h, d, n, g, f = (
-        arch.hidden_size,
-        arch.head_dim,
-        arch.num_heads,
-        arch.num_kv_heads,
-        arch.ffn_hidden_size,
-    )
-    shapes = {
-        "replicated": [(h,)],
-        "row": [(h, n * d)],
-        "column": [(f, h)],
-        "vocab": [(arch.vocab_size, h)],
-        "qkv": [(n * d, h), (g * d, h), (g * d, h)],
-        "gate_up": [(f, h), (f, h)],
-    }[layout]
-    return [torch.randn(shape) for shape in shapes]
+LAYOUTS = {
+    "replicated": Replicated(lambda a: (a.hidden_size,)),
+    "row": RowParallel(lambda a: (a.hidden_size, a.num_heads * a.head_dim)),
+    "vocab": VocabParallel(),
+    "qkv": FusedQKV(),
+    "qkv_bias": FusedQKV(bias=True),
+    "gate_up": FusedGateUp(),
+}
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("kind", ["replicated", "row", "column", "vocab", "qkv", "gate_up"])
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
 def test_merge_inverts_shard(kind, tp):
     arch = _arch()
-    layout = Layout(kind)
-    hf = _hf_tensors(kind, arch)
+    layout = LAYOUTS[kind]
+    hf = [torch.randn(shape) for shape in layout.hf_shapes(arch)]
     shards = [layout.shard(hf, arch, r, tp, padded_vocab=1024) for r in range(tp)]
     back = layout.merge(shards, arch)
     assert len(back) == len(hf)
@@ -66,9 +64,10 @@ def test_merge_inverts_shard(kind, tp):
 
 def test_qkv_bias_is_one_dimensional():
     arch = _arch()
-    layout = Layout("qkv")
+    layout = FusedQKV(bias=True)
     n, g, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
     hf = [torch.randn(n * d), torch.randn(g * d), torch.randn(g * d)]
+    assert [tuple(t.shape) for t in hf] == layout.hf_shapes(arch)
     shards = [layout.shard(hf, arch, r, 2, padded_vocab=1024) for r in range(2)]
     assert shards[0].shape == ((n // g + 2) * d * g // 2,)
     assert all(torch.equal(a, b) for a, b in zip(hf, layout.merge(shards, arch)))
@@ -81,7 +80,7 @@ def test_qkv_interleaves_per_kv_group():
     q = torch.arange(n).repeat_interleave(d).float().unsqueeze(1).expand(n * d, h)
     k = (100 + torch.arange(g)).repeat_interleave(d).float().unsqueeze(1).expand(g * d, h)
     v = (200 + torch.arange(g)).repeat_interleave(d).float().unsqueeze(1).expand(g * d, h)
-    fused = Layout("qkv").shard([q, k, v], arch, 0, 1, padded_vocab=1024)
+    fused = FusedQKV().shard([q, k, v], arch, 0, 1, padded_vocab=1024)
     rows = fused[::d, 0].tolist()  # one entry per head-sized block
     assert rows[:4] == [0, 1, 100, 200]  # group 0: q heads 0-1, k0, v0
     assert rows[4:8] == [2, 3, 101, 201]
@@ -90,7 +89,7 @@ def test_qkv_interleaves_per_kv_group():
 def test_gate_up_puts_each_ranks_gate_then_up():
     arch = _arch()
     gate, up = torch.zeros(arch.ffn_hidden_size, 2), torch.ones(arch.ffn_hidden_size, 2)
-    shard = Layout("gate_up").shard([gate, up], arch, 1, 2, padded_vocab=1024)
+    shard = FusedGateUp().shard([gate, up], arch, 1, 2, padded_vocab=1024)
     half = arch.ffn_hidden_size // 2
     assert shard.shape[0] == arch.ffn_hidden_size
     assert torch.all(shard[:half] == 0) and torch.all(shard[half:] == 1)
@@ -99,16 +98,16 @@ def test_gate_up_puts_each_ranks_gate_then_up():
 def test_vocab_padding_rows_are_zero_and_dropped():
     arch = _arch()
     emb = torch.randn(arch.vocab_size, arch.hidden_size)
-    shards = [Layout("vocab").shard([emb], arch, r, 2, padded_vocab=1024) for r in range(2)]
+    shards = [VocabParallel().shard([emb], arch, r, 2, padded_vocab=1024) for r in range(2)]
     assert shards[1].shape[0] == 512
     assert torch.all(shards[1][1000 - 512 :] == 0)
-    assert torch.equal(Layout("vocab").merge(shards, arch)[0], emb)
+    assert torch.equal(VocabParallel().merge(shards, arch)[0], emb)
 
 
 def test_uneven_split_is_an_error():
     arch = _arch()
     with pytest.raises(MappingError, match="not divisible by TP=3"):
-        Layout("row").shard([torch.randn(64, 128)], arch, 0, 3, padded_vocab=1024)
+        LAYOUTS["row"].shard([torch.randn(64, 128)], arch, 0, 3, padded_vocab=1024)
 
 
 def test_te_and_local_names_map_to_the_same_rule():
@@ -148,6 +147,18 @@ def test_expected_names_cover_transformers_state_dict(family):
     assert sorted(expected_hf_names(arch)) == sorted(saved)
 
 
-def test_every_rule_has_a_known_layout():
-    for rule in RULES:
-        assert rule.layout.kind in {"replicated", "row", "column", "vocab", "qkv", "gate_up"}
+def test_every_rule_has_a_layout_and_the_shapes_match_transformers():
+    """The shapes the weight sync allocates come from the layouts; they are transformers' own."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    assert all(isinstance(rule.layout, Layout) for rule in RULES)
+    assert [r.megatron for r in RULES if not r.exported] == ["output_layer.weight"]
+    arch = _arch("qwen3")
+    model = AutoModelForCausalLM.from_config(Qwen3Config(**BASE, tie_word_embeddings=False))
+    state = model.state_dict()
+    shapes = hf_tensor_shapes(arch)
+    assert list(shapes) == expected_hf_names(arch)
+    assert {n: tuple(t.shape) for n, t in state.items()} == shapes
+    assert hf_tensor_shape("model.layers.2.self_attn.q_norm.weight", arch) == (16,)
+    with pytest.raises(MappingError, match="unknown HF tensor"):
+        hf_tensor_shape("model.layers.0.mlp.nope.weight", arch)
