@@ -4,6 +4,7 @@ services some of them use (a local Slurm cluster, an MLflow tracking server)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,8 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     try:
         yield SlurmCluster(env={"SLURM_CONF": str(folder / "slurm.conf")})
     finally:
+        # The daemons' logs outlive the cluster (down removes its folder), for a failed test.
+        shutil.copytree(folder / "log", folder.parent / f"{folder.name}-logs", dirs_exist_ok=True)
         subprocess.run(["bash", script, "down", str(folder)], timeout=120)
 
 
