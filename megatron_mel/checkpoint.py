@@ -102,6 +102,16 @@ def _prime_optimizer_state(optimizer: Any) -> None:
                 param.grad = None
 
 
+def _deadline(cfg: CheckpointConfig, started: float) -> float | None:
+    """The earlier of the two walltime limits, on the monotonic clock; None without either."""
+    limits = []
+    if cfg.walltime_minutes is not None:
+        limits.append(started + cfg.walltime_minutes * 60)
+    if cfg.job_end_time is not None:
+        limits.append(started + cfg.job_end_time - time.time())
+    return min(limits) if limits else None
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -118,9 +128,7 @@ class Checkpointer:
         self.model_meta = model_meta
         self.hf_dir = hf_dir
         self.started = time.monotonic()
-        self.deadline = (
-            self.started + cfg.walltime_minutes * 60 if cfg.walltime_minutes is not None else None
-        )
+        self.deadline = _deadline(cfg, self.started)
         self.last_save_s = 0.0
         self.saved: Path | None = None
         """The newest complete checkpoint of this run (written or resumed from)."""

@@ -8,6 +8,8 @@ megatron-mel train    RECIPE.yaml [--set k=v ...]      train (spawns ranks, or r
 megatron-mel eval     RECIPE.yaml [--hf-dir H]          evaluate a model on the recipe's benchmarks
 megatron-mel serve    RECIPE.yaml [--node N]            a rollout-only node's SGLang servers
 megatron-mel report   RUN_DIR [RUN_DIR ...] [--out D]   PNG plots + markdown summary of runs
+megatron-mel plan     RECIPE.yaml [--nodes N --gpus-per-node G --gpu-mem-gib M] [--json]
+                                                       layout + per-GPU memory, or a refusal
 """
 
 from __future__ import annotations
@@ -180,12 +182,50 @@ def _serve(argv: list[str]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    # Slurm's time-limit warning reaches every process of the step; the trainers finish their
+    # step on these servers first, and `srun --wait` ends this task once they are done.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         for url in servers.start():
             print(f"serving {url}", flush=True)
         stop.wait()
     finally:
         servers.close()
+    return 0
+
+
+def _plan(argv: list[str]) -> int:
+    """Print the layout and memory estimate; exit 2 with the reason when it cannot fit."""
+    import json
+
+    from megatron_mel.config import load_config
+    from megatron_mel.plan import describe, make_plan, to_json
+
+    parser = argparse.ArgumentParser(prog="megatron-mel plan")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="nodes of the allocation: training + launch.rollout_nodes")  # fmt: skip
+    parser.add_argument("--gpus-per-node", type=int, default=None)
+    parser.add_argument("--ranks-per-node", type=int, default=None,
+                        help="training ranks per node (default: one per GPU)")  # fmt: skip
+    parser.add_argument("--gpu-mem-gib", type=float, default=None,
+                        help="memory of one GPU; without it the fit is not checked")  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    for name in ("nodes", "gpus_per_node", "ranks_per_node"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"plan: --{name.replace('_', '-')} must be >= 1")
+    cfg = load_config(args.recipe, args.overrides)
+    plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     ranks_per_node=args.ranks_per_node, gpu_mem_gib=args.gpu_mem_gib)  # fmt: skip
+    if args.json:
+        print(json.dumps(to_json(plan), indent=1))
+    else:
+        print(describe(plan, cfg, args.recipe))
+    if plan.refusal is not None:
+        print(f"error: plan refused: {plan.refusal}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -198,6 +238,7 @@ COMMANDS = {
     "eval": _eval,
     "serve": _serve,
     "report": _report,
+    "plan": _plan,
 }
 
 
@@ -231,5 +272,22 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + 2
 
 
+EXIT_STATUS_ENV = "MEL_EXIT_STATUS_FILE"
+
+
+def record_exit_status(code: int) -> None:
+    """Rank 0 writes its exit status to ``$MEL_EXIT_STATUS_FILE`` when set: torchrun reports any
+    failed worker as 1, and slurm/launch.sh needs to tell a stop at a checkpoint (75, requeue)
+    from a failure."""
+    import os
+
+    path = os.environ.get(EXIT_STATUS_ENV)
+    if path and os.environ.get("RANK", "0") == "0":
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(f"{code}\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    record_exit_status(status)
+    sys.exit(status)

@@ -95,7 +95,7 @@ class ParallelConfig:
     vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved schedule); None disables."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism (needs tp > 1 and Transformer Engine or Apex norms: GPU)."""
+    """Megatron sequence parallelism (Transformer Engine or Apex norms: GPU); off at tp=1."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     timeout_minutes: int = 30
@@ -111,11 +111,9 @@ class ParallelConfig:
         _require(
             self.vpp is None or self.pp > 1, "parallel.vpp", "needs parallel.pp > 1 to interleave"
         )
-        _require(
-            not self.sequence_parallel or self.tp > 1,
-            "parallel.sequence_parallel",
-            "needs parallel.tp > 1",
-        )
+        # Nothing to split at tp=1: off, as Megatron-LM's own arguments do (so a recipe sized
+        # for TP can be re-planned at tp=1 with one override).
+        self.sequence_parallel = self.sequence_parallel and self.tp > 1
         _require(self.timeout_minutes > 0, "parallel.timeout_minutes", "must be positive")
 
 
@@ -384,7 +382,12 @@ class CheckpointConfig:
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the newest complete checkpoint in `dir` if there is one."""
     walltime_minutes: float | None = None
-    """Job walltime (e.g. from Slurm); a checkpoint is written before it runs out."""
+    """Job walltime, counted from the trainer's start; a checkpoint is written before it runs
+    out."""
+    job_end_time: float | None = None
+    """Unix time at which the scheduler ends the job (slurm/launch.sh reads it from squeue); a
+    checkpoint is written before it. Unlike walltime_minutes, model loading does not eat into
+    the margin."""
 
     def __post_init__(self) -> None:
         _require(self.save_every >= 1, "checkpoint.save_every", "must be >= 1")

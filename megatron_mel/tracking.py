@@ -1,9 +1,12 @@
 """Experiment tracking: an MLflow run per training run, plus a console progress line with ETA.
 
 The store is ``tracking.tracking_uri``, else ``MLFLOW_TRACKING_URI``, else a local sqlite file
-under the run directory (artifacts beside it). ``MLFLOW_EXPERIMENT_NAME`` overrides the
+under the run directory (artifacts beside it). With a tracking server (``http://...``) the
+server stores the artifacts (``mlflow server --artifacts-destination``); see docs/cluster.md. ``MLFLOW_EXPERIMENT_NAME`` overrides the
 experiment and ``MLFLOW_RUN_ID`` attaches to an existing run; a resumed training run reattaches
-to the run id saved in its checkpoint, so one MLflow run shows the whole training.
+to the run id saved in its checkpoint, or, stopped before its first checkpoint, to the one
+recorded in ``<run_dir>/mlflow_run.json``, so one MLflow run shows the whole training (across
+Slurm requeues too).
 
 Only the driver rank (global rank 0) talks to MLflow; the other ranks get a tracker whose calls
 do nothing, so call sites need no rank checks.
@@ -33,6 +36,33 @@ LAST_STEP_TAG = "mel.last_logged_step"
 # A metrics batch is a few kB: 30 s per request is ample; 3 retries back off 1, 2, 4 s.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
                         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+
+
+RUN_FILE = "mlflow_run.json"
+
+
+def started_run(run_dir: Path, uri: str) -> str | None:
+    """The MLflow run this run directory started in this store, if any: a job stopped (or
+    requeued) before its first checkpoint continues that run instead of starting another."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved["run_id"] if saved.get("tracking_uri") == uri else None
+
+
+def remember_run(run_dir: Path, uri: str, run_id: str) -> None:
+    tmp = run_dir / f"{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / RUN_FILE)
+
+
+def _artifact_location(uri: str, run_dir: Path) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store; a tracking server decides
+    itself (its --artifacts-destination, proxied), since the job's disk is not the server's."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return (run_dir / "mlartifacts").as_uri()
 
 
 class Tracker:
@@ -74,7 +104,7 @@ class Tracker:
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         client = MlflowClient(tracking_uri=uri)
-        run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
+        run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id or started_run(run_dir, uri)
         if run_id:
             run = client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
@@ -86,10 +116,11 @@ class Tracker:
                 experiment.experiment_id
                 if experiment is not None
                 else client.create_experiment(
-                    name, artifact_location=(run_dir / "mlartifacts").as_uri()
+                    name, artifact_location=_artifact_location(uri, run_dir)
                 )
             )
             run = client.create_run(experiment_id, run_name=cfg.run_name or run_name)
+            remember_run(run_dir, uri, run.info.run_id)
             for key, value in sorted(params.items()):
                 client.log_param(run.info.run_id, key, str(value)[:_PARAM_MAX])
         self._client = client

@@ -249,6 +249,14 @@ def plan_layout(
     return Layout(mode=mode, topology=t, ranks=ranks, engines=tuple(engines))
 
 
+def engine_request(cfg: RunConfig) -> tuple[int, int | None]:
+    """(engine_tp, num_engines) the run asks the placement for: SGLang as configured; the
+    embedded engine is one in-process engine of rank 0 (tp 1); vLLM is one engine beside it."""
+    sg, engine = cfg.rollout.sglang, cfg.rollout.engine
+    tp = sg.engine_tp if engine != "embedded" else 1
+    return tp, sg.num_engines if engine == "sglang" else 1
+
+
 def topology_from_env(
     launch: LaunchConfig,
     environ: dict[str, str] | None = None,

@@ -39,11 +39,15 @@ LAUNCHER_ENV = (
 )  # fmt: skip
 LAUNCHER_PREFIXES = ("TORCHELASTIC_",)
 
-# Sets the parent-death signal, then becomes the server: prctl survives execve.
+# Sets the parent-death signal, then becomes the server: prctl survives execve. SIGUSR1 is
+# ignored (an ignored disposition survives execve too): Slurm delivers it to every process of a
+# job step as the time-limit warning (slurm/launch.sh), and it asks the trainer to finish its
+# step with a checkpoint, which needs its servers; by default it would kill them.
 _DIE_WITH_PARENT = (
     "import ctypes, os, signal, sys\n"
     "libc = ctypes.CDLL(None, use_errno=True)\n"
     "libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
     "if os.getppid() != int(sys.argv[1]):\n"
     "    sys.exit(1)  # the parent is already gone\n"
     "os.execv(sys.argv[2], sys.argv[2:])\n"

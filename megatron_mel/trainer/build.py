@@ -108,10 +108,8 @@ def build_layout(cfg: RunConfig) -> Layout:
     if not topology.hosts and topology.train_nodes > 1 and not topology.rollout_nodes:
         by_node = {n: host for _, n, lr, host in reported if lr == 0}
         topology = dataclasses.replace(topology, hosts=tuple(by_node[n] for n in sorted(by_node)))
-    sg, engine = cfg.rollout.sglang, cfg.rollout.engine
-    # The embedded engine is one in-process engine of rank 0; vLLM is one engine beside it.
-    tp = sg.engine_tp if engine != "embedded" else 1
-    count = sg.num_engines if engine == "sglang" else 1
+    sg = cfg.rollout.sglang
+    tp, count = placement.engine_request(cfg)
     layout = placement.plan_layout(topology, mode=cfg.rollout.placement, engine_tp=tp,
                                    num_engines=count, base_port=sg.base_port, host=sg.host)  # fmt: skip
     placement.check_rank_table(layout, [(r, n, lr) for r, n, lr, _ in reported])

@@ -111,3 +111,27 @@ def _alive(pid: int) -> bool:
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_launched_processes_survive_slurms_sigusr1_warning():
+    """Slurm signals every process of the step with SIGUSR1 before the time limit; servers
+    started through the bootstrap ignore it (the trainer still needs them for its last step)."""
+    from pathlib import Path
+
+    from megatron_mel.rollout.servers import _DIE_WITH_PARENT
+
+    proc = subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+                             "/bin/sleep", "30"])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        # Until the bootstrap has exec'd the "server", its Python may not have run yet.
+        while not Path(f"/proc/{proc.pid}/cmdline").read_bytes().startswith(b"/bin/sleep"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.3)
+        assert proc.poll() is None, "SIGUSR1 killed the server"
+        os.kill(proc.pid, signal.SIGTERM)  # it still stops when asked to
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        proc.kill()
