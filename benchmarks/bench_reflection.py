@@ -69,6 +69,10 @@ def main() -> None:
     parser.add_argument("--reflection-max-new-tokens", type=int, default=768)
     parser.add_argument("--max-pairs", type=int, default=2, help="analyses per mixed group")
     parser.add_argument("--temperature", type=float, default=1.0)
+    # Qwen publishes temperature 0.7, top_p 0.8, top_k 20 for its instruct models; the GGUF
+    # asset carries no generation config, so these are the caller's to set.
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--reward", choices=sorted(REWARDS), default="strict")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default all)")
@@ -101,12 +105,14 @@ def main() -> None:
     formatter = PromptFormatter.from_dir(hf_dir, solve_template=DataConfig().prompt_template)
     engine = EmbeddedEngine.from_hf(hf_dir, max_batch_size=64, seed=args.seed)
     rollout = RolloutConfig(samples_per_prompt=args.samples, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens)  # fmt: skip
     reflection = ReflectionConfig(max_new_tokens=args.reflection_max_new_tokens,
                                   max_pairs_per_prompt=args.max_pairs)  # fmt: skip
     seconds: dict[str, float] = {}
     with RewardPool(REWARDS[args.reward], num_workers=2, timeout_s=10.0) as pool:
         params = SamplingParams(n=args.samples, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens,
                                 stop_token_ids=formatter.stop_token_ids, seed=args.seed)  # fmt: skip
         start = time.perf_counter()
