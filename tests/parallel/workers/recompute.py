@@ -30,7 +30,8 @@ def main() -> None:
     ctx = platform.init_distributed(parallel)
     arch = load_arch(hf_dir)
     settings = ActorSettings(parallel=parallel, optim=OptimConfig(lr=1e-3), num_steps=2,
-                             dtype=torch.float32)  # fmt: skip
+                             dtype=torch.float32, vocab_size=arch.vocab_size,
+                             max_seq_len=4096)  # fmt: skip
     samples = global_batch(arch.vocab_size)
     runs = {}
     for recompute in (False, True):

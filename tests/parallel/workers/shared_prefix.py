@@ -33,7 +33,8 @@ def main() -> None:
     chunks = build_model_chunks(arch, ModelConfig(hf_dir=hf_dir, dtype="float32"), parallel)
     load_hf_weights(chunks, hf_dir, arch, arch.padded_vocab_size(1024))
     settings = ActorSettings(parallel=parallel, optim=OptimConfig(lr=1e-3), num_steps=1,
-                             dtype=torch.float32)  # fmt: skip
+                             dtype=torch.float32, vocab_size=arch.vocab_size,
+                             max_seq_len=4096)  # fmt: skip
     algorithm = AlgorithmConfig(clip_low=0.1, clip_high=0.3, nll_coef=0.5)
     actor = build_actor(chunks, settings, algorithm, response_budget=16)
 
