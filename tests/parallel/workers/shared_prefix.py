@@ -33,7 +33,8 @@ def main() -> None:
     chunks = build_model_chunks(arch, ModelConfig(hf_dir=hf_dir, dtype="float32"), parallel)
     load_hf_weights(chunks, hf_dir, arch, arch.padded_vocab_size(1024))
     settings = ActorSettings(parallel=parallel, optim=OptimConfig(lr=1e-3), num_steps=1,
-                             dtype=torch.float32)  # fmt: skip
+                             dtype=torch.float32, vocab_size=arch.vocab_size,
+                             max_seq_len=4096)  # fmt: skip
     algorithm = AlgorithmConfig(clip_low=0.1, clip_high=0.3, nll_coef=0.5)
     actor = build_actor(chunks, settings, algorithm, response_budget=16)
 
@@ -55,7 +56,8 @@ def main() -> None:
         actor.share_prefixes = share
         samples = batch()
         metrics = actor.forward_backward(samples, step=1, num_prompts=2)
-        local = shard_for_data_parallel(samples, ctx.dp_rank, ctx.dp_size, share_prefixes=share)
+        mine = shard_for_data_parallel(samples, ctx.dp_rank, ctx.dp_size, share_prefixes=share)
+        local = [samples[i] for i in mine]
         tokens = sum(mb.num_tokens for mb in pack_micro_batches(local, 8192, share_prefixes=share))
         grads = {n: p.main_grad.detach().clone()
                  for n, p in unwrap(actor.chunks[0]).named_parameters()}  # fmt: skip
