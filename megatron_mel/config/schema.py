@@ -304,6 +304,11 @@ class AlgorithmConfig:
     def uses_meta_experience(self) -> bool:
         return self.name == "mel" if self.meta_experience is None else self.meta_experience
 
+    @property
+    def estimator(self) -> str:
+        """The advantage estimator: ``advantage``, or the one that goes with ``name``."""
+        return self.advantage or ("reinforce_pp" if self.name == "reinforce_pp" else "grpo")
+
 
 @dataclass(kw_only=True, slots=True)
 class RewardConfig:
@@ -467,7 +472,7 @@ class RunConfig:
         if self.trainer.eval_max_new_tokens is None:
             self.trainer.eval_max_new_tokens = self.rollout.max_new_tokens
         algo, group = self.algorithm, self.rollout.samples_per_prompt
-        estimator = algo.advantage or ("reinforce_pp" if algo.name == "reinforce_pp" else "grpo")
+        estimator = algo.estimator
         relative = algo.name != "rft" and estimator in ("grpo", "rloo")
         _require(
             group >= 2 or not (relative or algo.uses_meta_experience),

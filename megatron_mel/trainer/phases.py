@@ -94,13 +94,10 @@ def policy_samples(groups: list[RolloutGroup], algorithm: AlgorithmConfig) -> li
             for i in positives:
                 samples.append(_sample(group, i, term="rft", group_size=len(positives)))
         return samples
-    estimator = algorithm.advantage or (
-        "reinforce_pp" if algorithm.name == "reinforce_pp" else "grpo"
-    )
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
     lengths = torch.tensor([[len(c.token_ids) for c in g.completions] for g in groups])
     advantages = compute_advantages(
-        estimator, rewards, num_tokens=lengths, std_normalize=algorithm.std_normalize
+        algorithm.estimator, rewards, num_tokens=lengths, std_normalize=algorithm.std_normalize
     )
     return [
         _sample(group, i, term="pg", advantage=float(advantages[g, i]))
