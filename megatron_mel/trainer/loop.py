@@ -145,7 +145,7 @@ def _train_step(
     samples, metrics, timings = platform.from_driver(
         lambda: _generate_and_reflect(cfg, step, driver, timer)
     )
-    timer.seconds.update(timings)
+    timer.seconds.update(timings)  # the driver's phases, timed on it, for every rank
     metrics.update(handoff.to_train())
     responses = [s for s in samples if s.term in ("pg", "rft")]  # the rollout responses
     engine_logprobs = [s.old_logprobs for s in responses]
