@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import random
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -91,6 +90,7 @@ def main() -> None:
     from megatron_mel.rollout.embedded import EmbeddedEngine
     from megatron_mel.rollout.engine import SamplingParams
     from megatron_mel.rollout.groups import generate_groups
+    from megatron_mel.timing import PhaseTimer
     from megatron_mel.trainer.phases import verify_groups
 
     if args.threads:
@@ -108,23 +108,23 @@ def main() -> None:
                             top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens)  # fmt: skip
     reflection = ReflectionConfig(max_new_tokens=args.reflection_max_new_tokens,
+                                  replay_max_new_tokens=args.max_new_tokens,
                                   max_pairs_per_prompt=args.max_pairs)  # fmt: skip
-    seconds: dict[str, float] = {}
+    timer = PhaseTimer()
     with RewardPool(REWARDS[args.reward], num_workers=2, timeout_s=10.0) as pool:
         params = SamplingParams(n=args.samples, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k,
                                 max_new_tokens=args.max_new_tokens,
                                 stop_token_ids=formatter.stop_token_ids, seed=args.seed)  # fmt: skip
-        start = time.perf_counter()
-        groups = generate_groups(engine, formatter, problems, params, request_prefix="rollout/1")
-        seconds["rollout"] = time.perf_counter() - start
-        start = time.perf_counter()
-        metrics = verify_groups(pool, groups)
-        seconds["reward"] = time.perf_counter() - start
+        with timer("rollout"):
+            groups = generate_groups(engine, formatter, problems, params,
+                                     request_prefix="rollout/1")  # fmt: skip
+        with timer("reward"):
+            metrics = verify_groups(pool, groups)
         reflector = Reflector(reflection, ReflectionTemplates(), formatter, pool, rollout=rollout,
                               score_truncated=False, max_seq_len=16384, seed=args.seed)  # fmt: skip
-        outcome = reflector.run(engine, groups, step=1)
-    seconds.update(outcome.seconds)
+        outcome = reflector.run(engine, groups, step=1, timer=timer)
+    seconds = timer.seconds
     ExperienceStore(out).append(outcome.records)
     with (out / "rollouts.jsonl").open("w") as handle:
         for group in groups:

@@ -100,7 +100,8 @@ def _train(argv: list[str]) -> int:
     else:
         world = cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
     arch.validate_layout(cfg.parallel, world)
-    load_run_datasets(cfg)  # a bad record fails here, naming file:line and key
+    # A bad record fails here, naming file:line and key.
+    load_run_datasets(cfg.data, eval_limit=cfg.trainer.eval_limit)
     from megatron_mel.hooks import RewardFn, load_hook
 
     load_hook(cfg.reward.function, RewardFn, key="reward.function")

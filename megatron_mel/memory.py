@@ -220,7 +220,7 @@ def engine_memory(cfg: RunConfig, arch: ModelArch, tp: int, gpu_bytes: int | Non
     kv_per_token = 2 * arch.num_layers * (arch.num_kv_heads * arch.head_dim // tp) * e
     pool = kv = tokens = None
     if gpu_bytes is not None:
-        pool = int(cfg.rollout.sglang.mem_fraction_static * gpu_bytes)
+        pool = int(cfg.rollout.server.mem_fraction_static * gpu_bytes)
         kv = pool - weights
         tokens = max(kv, 0) // kv_per_token
     return EngineMemory(tp=tp, weights=weights, pool=pool, kv_cache=kv,
@@ -287,15 +287,15 @@ def _problems(cfg: RunConfig, result: MemoryEstimate, gpu_bytes: int) -> list[st
         if e is not None and e.kv_cache is not None and e.kv_tokens is not None:
             if e.kv_cache <= 0:
                 problems.append(
-                    f"rollout.sglang.mem_fraction_static={cfg.rollout.sglang.mem_fraction_static}:"
+                    f"rollout.server.mem_fraction_static={cfg.rollout.server.mem_fraction_static}:"
                     f" the engine pool {_gib(e.pool)} per GPU does not hold its weights "
-                    f"{_gib(e.weights)} (engine_tp={e.tp}); raise it or rollout.sglang.engine_tp"
+                    f"{_gib(e.weights)} (engine_tp={e.tp}); raise it or rollout.server.engine_tp"
                 )
             elif e.kv_tokens < longest:
                 problems.append(
                     f"engine KV cache holds {e.kv_tokens} tokens per engine, fewer than one "
                     f"model.max_seq_len={longest} sequence; raise "
-                    "rollout.sglang.mem_fraction_static or rollout.sglang.engine_tp"
+                    "rollout.server.mem_fraction_static or rollout.server.engine_tp"
                 )
     return problems
 
@@ -309,7 +309,7 @@ def _remedies(cfg: RunConfig, gpu: GpuEstimate) -> str:
     if gpu.training is not None:
         fixes.append("lower optim.micro_batch_tokens")
     if gpu.engine is not None:
-        fixes.append("lower rollout.sglang.mem_fraction_static")
+        fixes.append("lower rollout.server.mem_fraction_static")
     return "to fit: " + ", or ".join(fixes)
 
 

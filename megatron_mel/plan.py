@@ -91,8 +91,8 @@ def make_plan(
                              gpus_per_node=gpus, rollout_nodes=launch.rollout_nodes, hosts=hosts)  # fmt: skip
     try:
         plan.dp = arch.validate_layout(par, train_nodes * per_node)
-        tp, count = engine_request(cfg)
-        sg = cfg.rollout.sglang
+        tp, count = engine_request(cfg.rollout)
+        sg = cfg.rollout.server
         plan.layout = plan_layout(plan.topology, mode=cfg.rollout.placement, engine_tp=tp,
                                   num_engines=count, base_port=sg.base_port, host=sg.host)  # fmt: skip
     except ConfigError as exc:

@@ -6,12 +6,15 @@ already hold every denominator of the global batch (algorithms/aggregation.py). 
 therefore sums losses and gradients over micro-batches and data-parallel ranks and never
 averages; a loss that normalised by its own micro-batch would break micro-batch and DP
 invariance, which is why the normalisation is declared, not assumed.
+
+Metrics stay on the device: one tensor of sums (:data:`METRICS` order) per micro-batch, which
+the actor reads once, together with the loss and the log-probs, after the schedule.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -21,6 +24,20 @@ from megatron_mel.algorithms.token_loss import NLL, PG, TokenLossParams
 from megatron_mel.config import AlgorithmConfig
 from megatron_mel.data.packing import TrainMicroBatch
 from megatron_mel.ops import fused_combined_loss
+
+METRICS = ("pg_loss_sum", "nll_loss_sum", "pg_tokens", "nll_tokens", "entropy_sum",
+           "clipped_tokens")  # fmt: skip
+"""The sums and counts of :class:`LossOutput.metrics`, in order (they add up over
+micro-batches and ranks)."""
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor
+    """Scalar to backpropagate."""
+    metrics: Tensor
+    """[len(METRICS)] float, detached, on the device."""
+    token_logprobs: Tensor
+    """[t] detached log-probs of the labels (0 on ignored tokens)."""
 
 
 class LossFunction(ABC):
@@ -35,10 +52,8 @@ class LossFunction(ABC):
         weight: Tensor,
         batch: TrainMicroBatch,
         tp_group: dist.ProcessGroup | None,
-    ) -> tuple[Tensor, dict[str, Any]]:
-        """(loss, metrics). ``hidden`` [t, H]; ``weight`` [V_shard, H]; metrics are sums
-        (``*_sum``) or counts over this micro-batch, so they add up across micro-batches, plus
-        ``token_logprobs``: the detached [t] log-probs of the labels (0 on ignored tokens)."""
+    ) -> LossOutput:
+        """``hidden`` [t, H]; ``weight`` [V_shard, H]; see LossOutput."""
 
 
 class CombinedPolicyLoss(LossFunction):
@@ -60,55 +75,23 @@ class CombinedPolicyLoss(LossFunction):
         weight: Tensor,
         batch: TrainMicroBatch,
         tp_group: dist.ProcessGroup | None,
-    ) -> tuple[Tensor, dict[str, Any]]:
-        kl_coef = self.params.kl_coef
-        if kl_coef and batch.ref_logprobs is None:
-            if bool((batch.loss_type == PG).any()):
-                raise ValueError("kl_coef > 0 but the micro-batch carries no reference log-probs")
-            kl_coef = 0.0  # the KL term only applies to PG tokens, and this pack has none
+    ) -> LossOutput:
         out = fused_combined_loss(
-            hidden,
-            weight,
-            batch.labels,
-            batch.loss_type,
-            batch.token_weight,
-            batch.advantages,
-            batch.old_logprobs,
-            clip_low=self.params.clip_low,
-            clip_high=self.params.clip_high,
-            dual_clip=self.params.dual_clip,
-            kl_coef=kl_coef,
-            kl_type=self.params.kl_type,
-            ref_logprobs=batch.ref_logprobs,
-            entropy_coef=self.params.entropy_coef,
-            vocab_size=self.vocab_size,
-            tp_group=tp_group,
-            kernels=self.kernels,
-        )
+            hidden, weight, batch.labels, batch.loss_type, batch.token_weight, batch.advantages,
+            batch.old_logprobs, self.params, ref_logprobs=batch.ref_logprobs,
+            vocab_size=self.vocab_size, tp_group=tp_group, kernels=self.kernels,
+        )  # fmt: skip
         pg = batch.loss_type == PG
         nll = batch.loss_type == NLL
         with torch.no_grad():
-            metrics = {
-                "pg_loss_sum": float((out.token_loss * pg).sum()),
-                "nll_loss_sum": float((out.token_loss * nll).sum()),
-                "pg_tokens": int(pg.sum()),
-                "nll_tokens": int(nll.sum()),
-                "entropy_sum": float((out.entropy * pg).sum()),
-                "clipped_tokens": int(out.clipped.sum()),
-                "token_logprobs": out.logprobs,
-            }
-        return out.loss, metrics
+            metrics = torch.stack([
+                (out.token_loss * pg).sum(), (out.token_loss * nll).sum(), pg.sum(), nll.sum(),
+                (out.entropy * pg).sum(), out.clipped.sum(),
+            ]).double()  # fmt: skip
+        return LossOutput(out.loss, metrics, out.logprobs)
 
 
 def make_loss(algorithm: AlgorithmConfig, vocab_size: int, kernels: str = "auto") -> LossFunction:
     """The loss for ``algorithm`` (every algorithm shares the combined loss; they differ in
     advantages and in which tokens are PG or NLL)."""
-    params = TokenLossParams(
-        clip_low=algorithm.clip_low,
-        clip_high=algorithm.clip_high,
-        dual_clip=algorithm.dual_clip,
-        kl_coef=algorithm.kl_coef,
-        kl_type=algorithm.kl_type,
-        entropy_coef=algorithm.entropy_coef,
-    )
-    return CombinedPolicyLoss(params, vocab_size, kernels)
+    return CombinedPolicyLoss(TokenLossParams.from_config(algorithm), vocab_size, kernels)

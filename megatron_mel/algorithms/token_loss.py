@@ -34,17 +34,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_mel.config import AlgorithmConfig
+
 IGNORE, PG, NLL = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
 class TokenLossParams:
+    """The per-token loss settings of the algorithm section, passed as one object from the
+    config to the kernels (fused and reference)."""
+
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+
+    @classmethod
+    def from_config(cls, algorithm: AlgorithmConfig) -> TokenLossParams:
+        return cls(clip_low=algorithm.clip_low, clip_high=algorithm.clip_high,
+                   dual_clip=algorithm.dual_clip, kl_coef=algorithm.kl_coef,
+                   kl_type=algorithm.kl_type, entropy_coef=algorithm.entropy_coef)  # fmt: skip
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
@@ -95,9 +106,13 @@ def weighted_token_loss(
         clipped = clipped | (pg & dual & (pg_loss > floor))
         pg_loss = torch.where(dual, torch.minimum(pg_loss, floor), pg_loss)
     if params.kl_coef:
-        if ref_logprobs is None:
-            raise ValueError("kl_coef > 0 needs ref_logprobs")
-        pg_loss = pg_loss + params.kl_coef * kl_estimate(safe_logp, ref_logprobs, params.kl_type)
+        # The one check that a KL term has its reference: the KL applies to PG tokens only, so
+        # tokens without any (a pack of NLL samples) need none. Reads the device only then.
+        if ref_logprobs is not None:
+            kl = kl_estimate(safe_logp, ref_logprobs, params.kl_type)
+            pg_loss = pg_loss + params.kl_coef * kl
+        elif bool(pg.any()):
+            raise ValueError("kl_coef > 0 needs ref_logprobs (reference log-probs of PG tokens)")
     if params.entropy_coef:
         pg_loss = pg_loss - params.entropy_coef * entropy
     loss = torch.where(pg, pg_loss, torch.where(nll, -logp, torch.zeros_like(logp)))

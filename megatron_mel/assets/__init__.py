@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_mel.assets.cache import MARKER, AssetsError
+from megatron_mel.assets.cache import MARKER, AssetsError, asset_cache_dir
 from megatron_mel.assets.math_data import EXPECTED_COUNTS, build_math_data, data_counts
 from megatron_mel.assets.models import (
     MODELS,
@@ -34,7 +34,6 @@ from megatron_mel.assets.models import (
     built_model_dir,
     model_spec,
 )
-from megatron_mel.config import asset_cache_dir
 
 __all__ = [
     "EXPECTED_COUNTS",

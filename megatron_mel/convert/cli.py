@@ -29,7 +29,7 @@ from pathlib import Path
 
 from megatron_mel.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_mel.convert.verify import ABS_FLOOR, NOISE_FACTOR
-from megatron_mel.models.arch import ModelArch, load_arch
+from megatron_mel.models.arch import ModelArch, load_arch, read_hf_config
 
 DTYPE_NAMES = tuple(ABS_FLOOR)
 
@@ -59,8 +59,6 @@ def _hf_dtype(hf_cfg: dict) -> str:
 
 def plan_job(args: argparse.Namespace) -> tuple[ConvertJob, ModelArch]:
     """Validate the command line cheaply (no megatron import) and describe the job."""
-    from megatron_mel.config import read_hf_config
-
     for flag, value in (("--tp", args.tp), ("--pp", args.pp)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1 (ranks to run with)")
@@ -157,8 +155,6 @@ def run_job(job: ConvertJob, arch: ModelArch) -> None:
     try:
         chunks = build_model_chunks(arch, model_cfg, parallel)
         if job.direction == "hf-to-mcore":
-            from megatron_mel.config import read_hf_config
-
             checkpoint.load_hf_weights(chunks, job.hf_dir, arch, padded)
             checkpoint.save_mcore(
                 chunks,

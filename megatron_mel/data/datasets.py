@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_mel.config import ConfigError
-from megatron_mel.config_loader import not_utf8
+from megatron_mel.config import ConfigError, DataConfig
+from megatron_mel.config.loader import not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +107,25 @@ def load_problems(
     return problems
 
 
-def load_run_datasets(cfg: Any) -> tuple[list[Problem], dict[str, list[Problem]]]:
-    """Training prompts and evaluation benchmarks of a RunConfig; fails on bad records before
+def load_run_datasets(
+    data: DataConfig, *, eval_limit: int | None
+) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """Training prompts and evaluation benchmarks of a run; fails on bad records before
     anything heavy (cheap to import: the CLI calls it before starting any worker)."""
-    data = cfg.data
-    keys = dict(id_key=data.id_key, question_key=data.question_key, answer_key=data.answer_key)
     if not data.train_path:
         raise ConfigError("data.train_path: a training dataset is required")
-    train = load_problems(data.train_path, **keys)
-    limit = cfg.trainer.eval_limit
-    benchmarks = {
-        name: load_problems(path, **keys)[:limit] for name, path in data.eval_paths.items()
+    return load_problems(data.train_path, **_keys(data)), load_benchmarks(data, limit=eval_limit)
+
+
+def load_benchmarks(data: DataConfig, *, limit: int | None) -> dict[str, list[Problem]]:
+    """data.eval_paths loaded, each cut to its first ``limit`` problems (trainer.eval_limit)."""
+    return {
+        name: load_problems(path, **_keys(data))[:limit] for name, path in data.eval_paths.items()
     }
-    return train, benchmarks
+
+
+def _keys(data: DataConfig) -> dict[str, str]:
+    return {"id_key": data.id_key, "question_key": data.question_key, "answer_key": data.answer_key}
 
 
 def drop_long_prompts(

@@ -387,9 +387,9 @@ def shard_for_data_parallel(
     *,
     share_prefixes: bool = False,
     max_tokens: int | None = None,
-) -> list[TrainSample]:
-    """This rank's share: packing units (:func:`prefix_units`) dealt longest-first to the rank
-    with the fewest tokens, returned in their original order.
+) -> list[int]:
+    """This rank's share, as indices into ``samples`` in ascending order: packing units
+    (:func:`prefix_units`) dealt longest-first to the rank with the fewest tokens.
 
     Deterministic, so every rank computes the same assignment without communication.
     """
@@ -403,4 +403,4 @@ def shard_for_data_parallel(
         for index in units[u].indices:
             owner[index] = rank
         loads[rank] += sizes[u]
-    return [s for i, s in enumerate(samples) if owner[i] == dp_rank]
+    return [i for i in range(len(samples)) if owner[i] == dp_rank]

@@ -2,7 +2,8 @@
 
 ``ModelArch`` is the one description every other module works from: the Megatron builder, the
 HF<->Megatron mapping, layout validation and weight sync. It is parsed from plain JSON (no
-transformers import) so a bad model directory fails in milliseconds.
+transformers import) so a bad model directory fails in milliseconds. The layout checks that need the model's shape
+(heads divisible by TP, layers by PP x VPP, world size = TP x PP x DP) live here too.
 
 Supported families: Llama (incl. tied embeddings, e.g. SmolLM2), Qwen2 (QKV bias), Qwen3 (per-head
 RMSNorm on q and k). All may use grouped-query attention.
@@ -10,12 +11,13 @@ RMSNorm on q and k). All may use grouped-query attention.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_mel.config import ConfigError, ParallelConfig, read_hf_config, validate_layout
+from megatron_mel.config import ConfigError, ParallelConfig
 
 FAMILIES = {
     "LlamaForCausalLM": "llama",
@@ -148,3 +150,59 @@ def _rope(cfg: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=float(merged["factor"]))
     raise ConfigError(f"{source}: rope type {kind!r} unsupported (default, llama3, linear)")
+
+
+def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
+    """The HF ``config.json`` of ``hf_dir`` as a dict, with a clear error if it is missing."""
+    path = Path(hf_dir)
+    if not path.is_dir():
+        raise ConfigError(f"model.hf_dir: HF model directory {str(path)!r} does not exist")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"model.hf_dir: {str(cfg_path)!r} is missing (not an HF model dir?)")
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{cfg_path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
+def validate_layout(
+    parallel: ParallelConfig,
+    *,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    world_size: int,
+) -> int:
+    """Check TP/PP/DP against the model shape and world size; return the data-parallel size."""
+    tp, pp = parallel.tp, parallel.pp
+    if num_heads % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide the {num_heads} attention heads "
+            f"(valid tp: {_divisors(num_heads, num_kv_heads)})"
+        )
+    if num_kv_heads % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide the {num_kv_heads} KV heads "
+            f"(valid tp: {_divisors(num_heads, num_kv_heads)})"
+        )
+    vpp = parallel.vpp or 1
+    if num_layers % (pp * vpp):
+        raise ConfigError(
+            f"parallel.pp={pp}{f' x vpp={vpp}' if vpp > 1 else ''} does not divide the "
+            f"{num_layers} layers"
+        )
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of tp x pp = {tp} x {pp} = {tp * pp}"
+        )
+    dp = world_size // (tp * pp)
+    if parallel.dp is not None and parallel.dp != dp:
+        raise ConfigError(
+            f"parallel.dp={parallel.dp} but world size {world_size} = tp {tp} x pp {pp} x dp {dp}"
+        )
+    return dp
+
+
+def _divisors(*counts: int) -> str:
+    return ", ".join(str(d) for d in range(1, min(counts) + 1) if all(c % d == 0 for c in counts))

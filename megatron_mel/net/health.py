@@ -9,7 +9,7 @@ connection, did not accept it in time, accepted it and said nothing, answered 5x
 rank) for the services a run is configured with:
 
 * the MLflow tracking server, when the tracking URI is http(s): ``GET <uri>/health``;
-* SGLang servers given by ``rollout.sglang.urls``: ``GET <url>/health`` (cheap; the engine's own
+* SGLang servers given by ``rollout.server.urls``: ``GET <url>/health`` (cheap; the engine's own
   ``/health_generate`` probe runs a forward pass and gets a longer read timeout).
 
 :func:`backoff_delays` is the schedule every retry loop of the project sleeps by.
@@ -155,5 +155,5 @@ def check_services(cfg: Any) -> None:
         key = "tracking.tracking_uri" if tracking.tracking_uri else "MLFLOW_TRACKING_URI"
         probe(f"{mlflow}/health", what=f"{key}: the MLflow server")
     if cfg.rollout.engine == "sglang":
-        for url in cfg.rollout.sglang.urls:
-            probe(f"{url.rstrip('/')}/health", what="rollout.sglang.urls: the SGLang server")
+        for url in cfg.rollout.server.urls:
+            probe(f"{url.rstrip('/')}/health", what="rollout.server.urls: the SGLang server")

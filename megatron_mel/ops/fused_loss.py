@@ -1,7 +1,7 @@
 """The combined policy-gradient + meta-experience NLL loss, fused with the output layer.
 
     loss, logprobs = fused_combined_loss(hidden, weight, labels, loss_type, token_weight,
-                                         advantages, old_logprobs, clip_low=.., clip_high=..,
+                                         advantages, old_logprobs, TokenLossParams(...),
                                          vocab_size=None, tp_group=None)
 
 ``loss = sum_t token_weight_t * l_t`` with l_t from algorithms/token_loss.py. The logits
@@ -27,6 +27,9 @@ gradient. Backward only scales them. Rows with ``loss_type == 0`` are dropped be
 so long masked prompts (reflection contexts) cost nothing here. Under ``torch.no_grad`` (the
 log-prob recompute) neither gradient buffer is allocated and only the logits GEMM runs, even
 though the weight is a Parameter that requires grad.
+
+Device-to-host reads: one for the input checks (batched), one for the active rows (the
+chunking needs their count); the metrics of the output stay tensors until asked for.
 
 Shapes: T tokens, H hidden, V vocabulary of this shard, Tc tokens of a chunk.
 """
@@ -58,20 +61,37 @@ class CombinedLossOutput(tuple):
     * ``clipped`` [T] bool: PG tokens where the clipped branch is active;
     * ``clip_fraction``: clipped / PG tokens on this rank (0.0 without PG tokens);
     * ``num_pg_tokens``, ``num_nll_tokens``: counts on this rank.
+
+    The last three read the device when asked (the training loss does not ask).
     """
 
     token_loss: Tensor
     entropy: Tensor
     clipped: Tensor
-    clip_fraction: float
-    num_pg_tokens: int
-    num_nll_tokens: int
+    loss_type: Tensor
 
-    def __new__(cls, loss: Tensor, logprobs: Tensor, **metrics: object) -> CombinedLossOutput:
+    def __new__(
+        cls, loss: Tensor, logprobs: Tensor, *, token_loss: Tensor, entropy: Tensor,
+        clipped: Tensor, loss_type: Tensor,
+    ) -> CombinedLossOutput:  # fmt: skip
         out = super().__new__(cls, (loss, logprobs))
-        for key, value in metrics.items():
-            setattr(out, key, value)
+        out.token_loss, out.entropy, out.clipped, out.loss_type = (
+            token_loss, entropy, clipped, loss_type
+        )  # fmt: skip
         return out
+
+    @property
+    def num_pg_tokens(self) -> int:
+        return int((self.loss_type == PG).sum())
+
+    @property
+    def num_nll_tokens(self) -> int:
+        return int((self.loss_type == NLL).sum())
+
+    @property
+    def clip_fraction(self) -> float:
+        num_pg = self.num_pg_tokens
+        return float(self.clipped.sum()) / num_pg if num_pg else 0.0
 
     @property
     def loss(self) -> Tensor:
@@ -90,14 +110,9 @@ def fused_combined_loss(
     token_weight: Tensor,
     advantages: Tensor,
     old_logprobs: Tensor | None,
+    params: TokenLossParams = TokenLossParams(),  # noqa: B008 (frozen: shared safely)
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
     ref_logprobs: Tensor | None = None,
-    entropy_coef: float = 0.0,
     vocab_size: int | None = None,
     tp_group: dist.ProcessGroup | None = None,
     kernels: LogitKernels | str = "auto",
@@ -113,7 +128,9 @@ def fused_combined_loss(
         token_weight: [T] float, the per-token aggregation weight (global denominators included).
         advantages, old_logprobs: [T] float, used on PG tokens. ``old_logprobs`` None is
             on-policy: pi_old = the current policy, rho = 1 (algorithms/token_loss.py).
-        ref_logprobs: [T] float reference-policy log-probs; needed when ``kl_coef > 0``.
+        params: clip range, dual clip, KL and entropy coefficients (algorithm.*).
+        ref_logprobs: [T] float reference-policy log-probs; needed when ``params.kl_coef > 0``
+            and there are PG tokens.
         vocab_size: the true vocabulary size; rows of the (global, unsharded) weight at or
             beyond it are padding and are left out of the softmax. None: every row is real.
         tp_group: vocabulary-parallel group over which ``weight`` is sharded (None: unsharded).
@@ -123,14 +140,6 @@ def fused_combined_loss(
         CombinedLossOutput: ``(loss, logprobs)`` plus entropy / clip metrics (see its doc).
         ``logprobs`` is detached fp32, 0 on ignored tokens.
     """
-    params = TokenLossParams(
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        entropy_coef=entropy_coef,
-    )
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     padded_vocab = weight.shape[0] * tp_size
@@ -141,7 +150,7 @@ def fused_combined_loss(
             f"vocab_size must be in [1, {padded_vocab}] (the weight's rows x TP), got {vocab_size}"
         )
     _validate(hidden, weight, labels, loss_type, token_weight, advantages, old_logprobs,
-              ref_logprobs, params, vocab_size=vocab_size)  # fmt: skip
+              ref_logprobs, vocab_size=vocab_size)  # fmt: skip
     impl = resolve_kernels(kernels, hidden.device)
     # autograd.Function.apply takes tensors positionally: an empty one stands for "none".
     none = hidden.new_empty(0, dtype=torch.float32)
@@ -155,17 +164,8 @@ def fused_combined_loss(
         _Options(params, tp_group, tp_rank, impl, chunk_bytes, vocab_size, grad_enabled,
                  on_policy=old_logprobs is None, with_ref=ref_logprobs is not None),
     )  # fmt: skip
-    num_pg = int((loss_type == PG).sum())
-    return CombinedLossOutput(
-        loss,
-        logprobs,
-        token_loss=token_loss,
-        entropy=entropy,
-        clipped=clipped,
-        clip_fraction=float(clipped.sum()) / num_pg if num_pg else 0.0,
-        num_pg_tokens=num_pg,
-        num_nll_tokens=int((loss_type == NLL).sum()),
-    )
+    return CombinedLossOutput(loss, logprobs, token_loss=token_loss, entropy=entropy,
+                              clipped=clipped, loss_type=loss_type)  # fmt: skip
 
 
 def resolve_kernels(kernels: LogitKernels | str, device: torch.device) -> LogitKernels:
@@ -368,11 +368,11 @@ def _validate(
     advantages: Tensor,
     old_logprobs: Tensor | None,
     ref_logprobs: Tensor | None,
-    params: TokenLossParams,
     *,
     vocab_size: int,
 ) -> None:
-    """Reject inputs that would otherwise produce silent NaNs or wrong gathers."""
+    """Reject inputs that would otherwise produce silent NaNs or wrong gathers (the value
+    checks are one device-to-host read; the details are computed only for an error)."""
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"hidden must be [T, H] and weight [V, H]; got {tuple(hidden.shape)} and "
@@ -411,26 +411,29 @@ def _validate(
             raise ValueError(f"{name} must be floating point, got {per_token[name].dtype}")
     if num_tokens == 0:
         return
-    bad_type = (loss_type != IGNORE) & (loss_type != PG) & (loss_type != NLL)
-    if bad_type.any():
-        first = int(bad_type.nonzero()[0])
+    active = loss_type != IGNORE
+    checks = {
+        "loss_type": (loss_type != IGNORE) & (loss_type != PG) & (loss_type != NLL),
+        "labels": active & ((labels < 0) | (labels >= vocab_size)),
+        **{
+            name: active & ~torch.isfinite(per_token[name])
+            for name in ("token_weight", "advantages", "old_logprobs")
+            if name in per_token
+        },
+    }
+    failed = dict(zip(checks, torch.stack([c.any() for c in checks.values()]).tolist()))
+    if failed["loss_type"]:
+        first = int(checks["loss_type"].nonzero()[0])
         raise ValueError(
             f"loss_type must be 0 (ignore), 1 (PG) or 2 (NLL); token {first} has "
             f"{int(loss_type[first])}"
         )
-    active = loss_type != IGNORE
-    bad_label = active & ((labels < 0) | (labels >= vocab_size))
-    if bad_label.any():
-        first = int(bad_label.nonzero()[0])
+    if failed["labels"]:
+        first = int(checks["labels"].nonzero()[0])
         raise ValueError(
             f"label {int(labels[first])} of token {first} is outside the vocabulary "
             f"[0, {vocab_size})"
         )
     for name in ("token_weight", "advantages", "old_logprobs"):
-        if name not in per_token:
-            continue
-        values = per_token[name]
-        if not torch.isfinite(values[active]).all():
+        if failed.get(name):
             raise ValueError(f"{name} has non-finite values on loss tokens")
-    if params.kl_coef and ref_logprobs is None:
-        raise ValueError("kl_coef > 0 needs ref_logprobs")

@@ -20,17 +20,11 @@ def reference_combined_loss(
     token_weight: Tensor,
     advantages: Tensor,
     old_logprobs: Tensor | None,
+    params: TokenLossParams = TokenLossParams(),  # noqa: B008 (frozen: shared safely)
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
     ref_logprobs: Tensor | None = None,
-    entropy_coef: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, logprobs, entropy, clipped) with ``weight`` the full [V, H] output weight."""
-    params = TokenLossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef)
     logits = torch.matmul(hidden, weight.t()).float()  # [T, V]
     log_probs = torch.log_softmax(logits, dim=-1)
     active = loss_type != IGNORE

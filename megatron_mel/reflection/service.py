@@ -21,7 +21,6 @@ Kept meta-experiences become NLL samples: context = the exact reflection prompt 
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,6 +34,7 @@ from megatron_mel.reflection.templates import ReflectionTemplates
 from megatron_mel.rewards.verifier import RewardPool, extract_answer, outcome_score
 from megatron_mel.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from megatron_mel.rollout.groups import RolloutGroup
+from megatron_mel.timing import PhaseTimer
 
 
 @dataclass(slots=True)
@@ -57,8 +57,6 @@ class ReflectionOutcome:
     metrics: dict[str, float]
     generated_tokens: dict[str, int]
     """Tokens generated per phase: reflection, replay."""
-    seconds: dict[str, float]
-    """Wall seconds per phase: reflection (analyses), replay (validation solves + verify)."""
 
 
 class Reflector:
@@ -79,15 +77,19 @@ class Reflector:
         self.formatter = formatter
         self.pool = reward_pool
         self.rollout = rollout
-        self.replay_max_new_tokens = cfg.replay_max_new_tokens or rollout.max_new_tokens
+        if cfg.replay_max_new_tokens is None:  # RunConfig resolves it to rollout.max_new_tokens
+            raise ValueError("reflection.replay_max_new_tokens is unresolved (None)")
         self.score_truncated = score_truncated
         self.max_seq_len = max_seq_len
         self.seed = seed
 
     def run(
-        self, engine: RolloutEngine, groups: list[RolloutGroup], step: int
+        self, engine: RolloutEngine, groups: list[RolloutGroup], step: int, timer: PhaseTimer
     ) -> ReflectionOutcome:
-        """Reflect on every mixed group of the step; collective-free (runs on the driver rank)."""
+        """Reflect on every mixed group of the step; collective-free (runs on the driver rank).
+
+        ``timer`` (the step's) gets the phases "reflection" (analyses) and "replay" (validation
+        solves + verify)."""
         rng = random.Random(f"{self.seed}:pairs:{step}")
         candidates = [
             _Candidate(g, pair, self._experience_ids(g, pair))
@@ -99,14 +101,13 @@ class Reflector:
         ]
         counts = Counter(mixed_groups=sum(is_mixed(g.rewards) for g in groups),
                          pairs=len(candidates))  # fmt: skip
-        tokens = {"reflection": 0, "replay": 0}
         versions = {g.weight_version for g in groups}
-        start = time.perf_counter()
-        self._analyse(engine, candidates, step, tokens, versions)
-        middle = time.perf_counter()
+        with timer("reflection"):
+            reflection_tokens = self._analyse(engine, candidates, step, versions)
         survivors = [c for c in candidates if not c.reason]
-        self._replay(engine, survivors, step, tokens, versions)
-        seconds = {"reflection": middle - start, "replay": time.perf_counter() - middle}
+        with timer("replay"):
+            replay_tokens = self._replay(engine, survivors, step, versions)
+        tokens = {"reflection": reflection_tokens, "replay": replay_tokens}
 
         kept = [c for c in candidates if c.reason == "kept"]
         per_prompt = Counter(c.group.problem.id for c in kept)
@@ -144,7 +145,7 @@ class Reflector:
             ),
             "mel/me_length": (sum(len(c.token_ids) for c in kept) / len(kept) if kept else 0.0),
         }
-        return ReflectionOutcome(samples, records, metrics, tokens, seconds)
+        return ReflectionOutcome(samples, records, metrics, tokens)
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -160,22 +161,23 @@ class Reflector:
         engine: RolloutEngine,
         candidates: list[_Candidate],
         step: int,
-        tokens: dict[str, int],
         versions: set[int],
-    ) -> None:
+    ) -> int:
+        """Generate every candidate's M and mark the ones dropped; returns the tokens generated."""
         params = SamplingParams(temperature=self.cfg.temperature,
                                 max_new_tokens=self.cfg.max_new_tokens,
                                 stop_token_ids=self.formatter.stop_token_ids,
                                 seed=self.seed + 7919 * step)  # fmt: skip
         requests = [GenerationRequest(f"reflect/{step}/{i}", c.prompt_ids, params)
                     for i, c in enumerate(candidates)]  # fmt: skip
+        generated = 0
         for candidate, result in zip(candidates, engine.generate(requests)):
             completion = result.completions[0]
             _check_version(completion.weight_version, versions)
             candidate.token_ids = completion.token_ids
             candidate.text = self.formatter.decode(completion.token_ids)
             candidate.truncated = completion.truncated
-            tokens["reflection"] += len(completion.token_ids)
+            generated += len(completion.token_ids)
             if candidate.truncated and self.cfg.drop_truncated:
                 candidate.reason = "truncated"
             elif len(candidate.prompt_ids) + len(candidate.token_ids) > self.max_seq_len:
@@ -188,22 +190,24 @@ class Reflector:
                 self.cfg.require_heuristics and not parse_experience(candidate.text).has_heuristics
             ):
                 candidate.reason = "no_heuristics"
+        return generated
 
     def _replay(
         self,
         engine: RolloutEngine,
         survivors: list[_Candidate],
         step: int,
-        tokens: dict[str, int],
         versions: set[int],
-    ) -> None:
+    ) -> int:
+        """Re-solve with each survivor's M and keep the ones that verify; returns the tokens
+        generated."""
         params = SamplingParams(temperature=self.cfg.replay_temperature,
                                 top_p=self.rollout.top_p, top_k=self.rollout.top_k,
-                                max_new_tokens=self.replay_max_new_tokens,
+                                max_new_tokens=self.cfg.replay_max_new_tokens,
                                 stop_token_ids=self.formatter.stop_token_ids,
                                 seed=self.seed + 104729 * step)  # fmt: skip
         if not survivors:
-            return
+            return 0
         requests = [
             GenerationRequest(
                 f"replay/{step}/{i}",
@@ -217,7 +221,6 @@ class Reflector:
         completions = [result.completions[0] for result in engine.generate(requests)]
         for completion in completions:
             _check_version(completion.weight_version, versions)
-            tokens["replay"] += len(completion.token_ids)
         texts = [self.formatter.decode(c.token_ids) for c in completions]
         scores = self.pool.score([(t, c.group.problem.answer) for t, c in zip(texts, survivors)])
         for candidate, text, completion, score in zip(survivors, texts, completions, scores):
@@ -225,6 +228,7 @@ class Reflector:
             candidate.replay_text = text
             score = outcome_score(score, completion.truncated, self.score_truncated)
             candidate.reason = "kept" if score > 0 else "replay_failed"
+        return sum(len(c.token_ids) for c in completions)
 
     def _record(self, c: _Candidate, step: int) -> ExperienceRecord:
         parsed = parse_experience(c.text)

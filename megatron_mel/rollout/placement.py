@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from megatron_mel.config import LaunchConfig, RunConfig
+from megatron_mel.config import LaunchConfig, RolloutConfig, RunConfig
 from megatron_mel.errors import ConfigError
 
 Mode = Literal["colocate", "disaggregate"]
@@ -187,11 +187,11 @@ def plan_layout(
     if t.num_nodes > 1 and not t.hosts and host == "auto":
         raise ConfigError(
             f"placement over {t.num_nodes} nodes needs each node's address: set {HOSTS_ENV} "
-            "(slurm/launch.sh does) or rollout.sglang.host"
+            "(slurm/launch.sh does) or rollout.server.host"
         )
     if engine_tp < 1 or t.gpus_per_node % engine_tp:
         raise ConfigError(
-            f"rollout.sglang.engine_tp={engine_tp} must divide launch.gpus_per_node="
+            f"rollout.server.engine_tp={engine_tp} must divide launch.gpus_per_node="
             f"{t.gpus_per_node} (an engine does not span nodes)"
         )
     ranks = tuple(
@@ -207,7 +207,7 @@ def plan_layout(
             )
         if t.ranks_per_node % engine_tp:
             raise ConfigError(
-                f"rollout.sglang.engine_tp={engine_tp} must divide the {t.ranks_per_node} training "
+                f"rollout.server.engine_tp={engine_tp} must divide the {t.ranks_per_node} training "
                 "ranks per node when colocated (engine GPUs are training GPUs)"
             )
         nodes, per_node = list(range(t.train_nodes)), t.ranks_per_node // engine_tp
@@ -229,7 +229,7 @@ def plan_layout(
     count = capacity if num_engines is None else num_engines
     if not 1 <= count <= capacity:
         raise ConfigError(
-            f"rollout.sglang.num_engines={num_engines}: {mode} placement has room for {capacity} "
+            f"rollout.server.num_engines={num_engines}: {mode} placement has room for {capacity} "
             f"engine(s) of tp={engine_tp} ({len(nodes)} node(s) x {per_node})"
         )
     engines = []
@@ -249,12 +249,12 @@ def plan_layout(
     return Layout(mode=mode, topology=t, ranks=ranks, engines=tuple(engines))
 
 
-def engine_request(cfg: RunConfig) -> tuple[int, int | None]:
+def engine_request(rollout: RolloutConfig) -> tuple[int, int | None]:
     """(engine_tp, num_engines) the run asks the placement for: SGLang as configured; the
     embedded engine is one in-process engine of rank 0 (tp 1); vLLM is one engine beside it."""
-    sg, engine = cfg.rollout.sglang, cfg.rollout.engine
-    tp = sg.engine_tp if engine != "embedded" else 1
-    return tp, sg.num_engines if engine == "sglang" else 1
+    server, engine = rollout.server, rollout.engine
+    tp = server.engine_tp if engine != "embedded" else 1
+    return tp, server.num_engines if engine == "sglang" else 1
 
 
 def topology_from_env(
@@ -304,7 +304,7 @@ def topology_from_env(
 def serve_layout(cfg: RunConfig, environ: dict[str, str] | None = None) -> Layout:
     """The layout as a rollout-only node sees it: no torchrun there, so ``launch.nodes`` and
     ``launch.gpus_per_node`` (or this node's GPUs) describe the training side."""
-    launch, sg = cfg.launch, cfg.rollout.sglang
+    launch, sg = cfg.launch, cfg.rollout.server
     if cfg.rollout.engine != "sglang" or cfg.rollout.placement != "disaggregate":
         raise ConfigError("megatron-mel serve is for rollout.engine=sglang, placement=disaggregate")
     if launch.nodes is None or launch.rollout_nodes < 1:

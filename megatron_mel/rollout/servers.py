@@ -4,7 +4,7 @@ The placement (rollout/placement.py) says which engines live on a node; that nod
 (local rank 0 of its training ranks, or ``megatron-mel serve`` on a rollout-only node) starts
 them with :class:`NodeServers` and stops them when the run ends. Each server:
 
-* is ``python -m <rollout.sglang.server_module>`` with explicit ``--host``/``--port`` from the
+* is ``python -m <rollout.server.server_module>`` with explicit ``--host``/``--port`` from the
   placement, ``--nccl-port`` right after its HTTP port (SGLang would otherwise pick a random one
   at startup, racing other servers started at the same moment), ``--base-gpu-id`` of its first
   GPU on the node and ``--tp-size`` GPUs;
@@ -125,13 +125,13 @@ class NodeServers:
         return [s.url for s in self.slots]
 
     def start(self) -> list[str]:
-        """Launch every server, then wait for all of them (``rollout.sglang.launch_timeout_s``)."""
-        if self.rollout.sglang.server_module == "sglang.launch_server":
+        """Launch every server, then wait for all of them (``rollout.server.launch_timeout_s``)."""
+        if self.rollout.server.server_module == "sglang.launch_server":
             from megatron_mel.rollout.sglang_weights import import_or_explain, require_cuda
 
             require_cuda("SGLang rollout")
             import_or_explain("sglang", "SGLang rollout")
-        cfg, colocate = self.rollout.sglang, self.rollout.placement == "colocate"
+        cfg, colocate = self.rollout.server, self.rollout.placement == "colocate"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             for slot in self.slots:

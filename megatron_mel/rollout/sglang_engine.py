@@ -1,6 +1,6 @@
 """SGLang rollout engine: the driver's client of N SGLang HTTP servers behind one router.
 
-The servers are started per node by rollout/servers.py (or given by ``rollout.sglang.urls``);
+The servers are started per node by rollout/servers.py (or given by ``rollout.server.urls``);
 this object only talks to them. Weights reach the servers from the training ranks through the
 transports of rollout/sglang_sync.py; the engine opens the update (pause, flush,
 ``/begin_weight_update``) and commits it once (``/end_weight_update``, ``/update_weight_version``,
@@ -223,21 +223,21 @@ class SGLangEngine(RolloutEngine):
     ) -> SGLangEngine:
         """The client of servers this run launched (their log-probs are unscaled)."""
         return cls(urls, engine_tps=engine_tps, placement=rollout.placement,
-                   request_timeout_s=rollout.sglang.request_timeout_s)  # fmt: skip
+                   request_timeout_s=rollout.server.request_timeout_s)  # fmt: skip
 
     @classmethod
     def connect(cls, rollout: RolloutConfig) -> SGLangEngine:
-        """The client of servers given by ``rollout.sglang.urls`` (started by someone else)."""
+        """The client of servers given by ``rollout.server.urls`` (started by someone else)."""
         if rollout.temperature not in (0.0, 1.0):
             warnings.warn(
                 "SGLang servers given by URL must run with SGLANG_RETURN_ORIGINAL_LOGPROB=1, "
                 "or their log-probs are scaled by the sampling temperature",
                 stacklevel=2,
             )
-        urls = rollout.sglang.urls
-        return cls(urls, engine_tps=[rollout.sglang.engine_tp] * len(urls),
+        urls = rollout.server.urls
+        return cls(urls, engine_tps=[rollout.server.engine_tp] * len(urls),
                    placement=rollout.placement,
-                   request_timeout_s=rollout.sglang.request_timeout_s)  # fmt: skip
+                   request_timeout_s=rollout.server.request_timeout_s)  # fmt: skip
 
     @property
     def urls(self) -> list[str]:

@@ -33,7 +33,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from megatron_mel import platform
 from megatron_mel.algorithms.aggregation import AggregationSpec, assign_token_weights
-from megatron_mel.algorithms.loss import LossFunction, make_loss
+from megatron_mel.algorithms.loss import METRICS, LossFunction, make_loss
 from megatron_mel.algorithms.token_loss import IGNORE
 from megatron_mel.config import AlgorithmConfig, OptimConfig, ParallelConfig
 from megatron_mel.convert.checkpoint import unwrap
@@ -167,15 +167,16 @@ class PolicyRunner:
         for chunk in self.chunks:
             chunk.eval()
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        indexed = [
-            TrainSample(tokens=s.tokens, num_context=s.num_context, term="me", prompt_id=str(i))
-            for i, s in enumerate(samples)
-        ]
         mine = shard_for_data_parallel(
-            indexed, dp_rank, dp_size, share_prefixes=self.share_prefixes
+            samples, dp_rank, dp_size, share_prefixes=self.share_prefixes
         )
-        records = self._run_schedule(self._pack(mine), forward_only=True)
-        return _gather_logprobs(records, [int(s.prompt_id) for s in mine], len(samples))
+        # Every target token as an NLL token: the kernel's log-probs, no policy-gradient inputs.
+        targets = [
+            TrainSample(tokens=samples[i].tokens, num_context=samples[i].num_context, term="me")
+            for i in mine
+        ]
+        records = self._run_schedule(self._pack(targets), forward_only=True)
+        return _gather_logprobs(records, mine, len(samples))
 
     # -- internals --------------------------------------------------------------------------
 
@@ -198,6 +199,10 @@ class PolicyRunner:
     def _run_schedule(
         self, micro_batches: list[TrainMicroBatch], *, forward_only: bool
     ) -> list[dict[str, Any]]:
+        """Run the pipeline schedule; one record per micro-batch (on the last stage) with
+        ``micro_batch``, ``loss_sum``, ``logprobs`` (per packed sample) and, when training,
+        the loss metrics (algorithms/loss.py METRICS). Everything a record holds is read from
+        the device in one transfer per micro-batch, after the schedule."""
         tp_group = ps.get_tensor_model_parallel_group()
         tp_group = tp_group if ps.get_tensor_model_parallel_world_size() > 1 else None
 
@@ -214,13 +219,16 @@ class PolicyRunner:
                     )
                 hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [t, H]
                 if forward_only:
-                    return self._logprob_record(
-                        hidden, weight, batch, tp_group, record, self.vocab_size
-                    )
-                loss, metrics = self.loss_fn(hidden, weight, batch, tp_group)
-                record["logprobs"] = _split_by_sample(metrics.pop("token_logprobs"), batch)
-                record.update(metrics)
-                return loss
+                    out = fused_combined_loss(
+                        hidden, weight, batch.labels, batch.loss_type, batch.token_weight,
+                        batch.advantages, batch.old_logprobs, vocab_size=self.vocab_size,
+                        tp_group=tp_group,
+                    )  # fmt: skip
+                    record["token_logprobs"] = out.logprobs
+                    return out.loss
+                out = self.loss_fn(hidden, weight, batch, tp_group)
+                record["token_logprobs"], record["metrics"] = out.token_logprobs, out.metrics
+                return out.loss
 
             output = model(
                 input_ids=batch.inputs.input_ids,
@@ -231,14 +239,14 @@ class PolicyRunner:
             )
 
             def loss_func(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-                record["loss_sum"] = float(loss.detach())
+                record["loss"] = loss.detach()
                 return loss, torch.tensor(batch.num_tokens, dtype=torch.int), record
 
             return output, loss_func
 
         data_iterators: Any = [iter(micro_batches) for _ in self.chunks]
         max_len = max(mb.num_tokens for mb in micro_batches)
-        return get_forward_backward_func()(
+        records = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=data_iterators if len(self.chunks) > 1 else data_iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
@@ -247,30 +255,28 @@ class PolicyRunner:
             micro_batch_size=1,
             forward_only=forward_only,
         )
-
-    @staticmethod
-    def _logprob_record(
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        batch: TrainMicroBatch,
-        tp_group: dist.ProcessGroup | None,
-        record: dict[str, Any],
-        vocab_size: int,
-    ) -> torch.Tensor:
-        out = fused_combined_loss(
-            hidden, weight, batch.labels, batch.loss_type, batch.token_weight,
-            batch.advantages, batch.old_logprobs, vocab_size=vocab_size, tp_group=tp_group,
-        )  # fmt: skip
-        record["logprobs"] = _split_by_sample(out.logprobs, batch)
-        return out.loss
+        for record in records:
+            _read_record(record, micro_batches[record["micro_batch"]])
+        return records
 
 
-def _split_by_sample(logprobs: torch.Tensor, batch: TrainMicroBatch) -> dict[int, list[float]]:
-    """Per packed sample (by its index in the packed list): the log-probs of its target tokens."""
-    logprobs = logprobs.cpu()
+def _read_record(record: dict[str, Any], batch: TrainMicroBatch) -> None:
+    """Bring a micro-batch's record to the host in one transfer: the loss, the metric sums and
+    the log-probs, split per packed sample (by its index in the packed list) into the log-probs
+    of its target tokens. ``batch`` is the host-side micro-batch."""
+    metrics = record.pop("metrics", None)
+    logprobs = record.pop("token_logprobs")
+    parts = [record.pop("loss").reshape(1).double(), logprobs.double()]
+    if metrics is not None:
+        parts.insert(1, metrics)
+    values = torch.cat(parts).cpu()
+    record["loss_sum"] = float(values[0])
+    if metrics is not None:
+        record.update(zip(METRICS, values[1 : 1 + len(METRICS)].tolist()))
+    token_logprobs = values[-logprobs.numel() :] if logprobs.numel() else values[:0]
     targets = (batch.loss_type != IGNORE).cpu()
-    return {
-        sample_id: logprobs[start:end][targets[start:end]].tolist()
+    record["logprobs"] = {
+        sample_id: token_logprobs[start:end][targets[start:end]].tolist()
         for sample_id, (start, end) in zip(batch.sample_ids, batch.sample_spans)
     }
 
@@ -343,11 +349,12 @@ class Actor(PolicyRunner):
             sum_norm_length=self.aggregation.sum_norm_length,
             num_prompts=num_prompts,
         )
-        local = shard_for_data_parallel(
+        mine = shard_for_data_parallel(
             samples, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
             share_prefixes=self.share_prefixes,
             max_tokens=micro_batch_tokens or self.micro_batch_tokens,
         )  # fmt: skip
+        local = [samples[i] for i in mine]
         assign_token_weights(local, spec, ps.get_data_parallel_group())
         micro_batches = self._pack(local, micro_batch_tokens)
         on_gpu = self.device.type == "cuda"
@@ -359,8 +366,7 @@ class Actor(PolicyRunner):
         self.optimizer.zero_grad()
         records = self._run_schedule(micro_batches, forward_only=False)
         self._check_finite(records, step)
-        position = {id(sample): i for i, sample in enumerate(samples)}
-        logprobs = _gather_logprobs(records, [position[id(s)] for s in local], len(samples))
+        logprobs = _gather_logprobs(records, mine, len(samples))
         for sample, values in zip(samples, logprobs):
             sample.train_logprobs = values
         return self._reduce_metrics(records)
@@ -410,8 +416,7 @@ class Actor(PolicyRunner):
             )
 
     def _reduce_metrics(self, records: list[dict[str, Any]]) -> dict[str, float]:
-        keys = ("loss_sum", "pg_loss_sum", "nll_loss_sum", "pg_tokens", "nll_tokens",
-                "entropy_sum", "clipped_tokens")  # fmt: skip
+        keys = ("loss_sum", *METRICS)
         dp_group = ps.get_data_parallel_group()
         totals = platform.collective_tensor(
             [sum(float(r.get(k, 0.0)) for r in records) for k in keys],

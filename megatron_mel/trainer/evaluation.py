@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_mel.config import RewardConfig, TrainerConfig
 from megatron_mel.data.datasets import Problem
 from megatron_mel.data.prompts import PromptFormatter
 from megatron_mel.rewards.verifier import RewardPool
@@ -26,6 +27,16 @@ class EvalSpec:
     seed: int = 0
     score_truncated: bool = False
     """As reward.score_truncated: otherwise a response cut by the budget counts as wrong."""
+
+    @classmethod
+    def from_config(cls, trainer: TrainerConfig, reward: RewardConfig, *, seed: int) -> EvalSpec:
+        """The trainer.eval_* settings (of a RunConfig, which resolved the budget) and
+        reward.score_truncated; ``seed`` is launch.seed."""
+        if trainer.eval_max_new_tokens is None:
+            raise ValueError("trainer.eval_max_new_tokens is unresolved (None)")
+        return cls(k=trainer.eval_k, temperature=trainer.eval_temperature,
+                   max_new_tokens=trainer.eval_max_new_tokens, seed=seed,
+                   score_truncated=reward.score_truncated)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

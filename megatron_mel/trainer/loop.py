@@ -15,7 +15,7 @@ import time
 from megatron_mel import lifecycle, platform
 from megatron_mel.checkpoint import TrainerState
 from megatron_mel.config import RunConfig, dump_yaml
-from megatron_mel.data.datasets import Problem
+from megatron_mel.data.datasets import Problem, load_run_datasets
 from megatron_mel.data.packing import TrainSample
 from megatron_mel.models.arch import load_arch
 from megatron_mel.net.health import check_services
@@ -24,13 +24,13 @@ from megatron_mel.rollout.engine import SamplingParams
 from megatron_mel.rollout.groups import generate_groups
 from megatron_mel.rollout.handoff import Handoff
 from megatron_mel.run_dir import claim_run_dir
+from megatron_mel.timing import PhaseTimer
 from megatron_mel.tracking import Tracker
 from megatron_mel.trainer import build
 from megatron_mel.trainer.actor import Actor, PolicyRunner
 from megatron_mel.trainer.build import DriverHandles
 from megatron_mel.trainer.evaluation import EvalSpec, evaluate, markdown_table
 from megatron_mel.trainer.phases import (
-    PhaseTimer,
     logprob_mismatch,
     policy_samples,
     verify_groups,
@@ -46,21 +46,26 @@ def train(cfg: RunConfig, recipe_name: str = "run") -> None:
     """Run (or resume) training as described by ``cfg``; every rank calls this."""
     arch = load_arch(cfg.model.hf_dir)
     arch.validate_layout(cfg.parallel, platform.launcher_env()[1])
-    train_set, benchmarks = build.load_datasets(cfg)  # bad data fails before the model is built
+    # Bad data fails before the model is built.
+    train_set, benchmarks = load_run_datasets(cfg.data, eval_limit=cfg.trainer.eval_limit)
     ctx = platform.init_distributed(cfg.parallel, seed=cfg.model.init_seed)
     # Before anything is written, started or built: one run per directory, services answer.
     platform.on_driver(lambda: (claim_run_dir(cfg.launch.run_dir), check_services(cfg)))
-    layout = build.build_layout(cfg)
-    servers = build.start_servers(cfg, layout)  # engines first: the trainer has not allocated
+    layout = build.build_layout(cfg.launch, cfg.rollout)
+    # Engines first: the trainer has not allocated.
+    servers = build.start_servers(cfg.rollout, cfg.model, cfg.launch, layout)
     driver = platform.on_driver(
         lambda: build.build_driver(cfg, arch, train_set, benchmarks, layout)
     )
     driver = driver or DriverHandles()
-    actor = build.build_policy(cfg, arch)
-    reference = build.build_reference(cfg, arch)
-    sync = build.build_sync(cfg, actor, arch, driver.engine, layout)
-    handoff = build.build_handoff(cfg, sync, driver.engine)
-    ckpt = build.build_checkpointer(cfg, arch)
+    actor = build.build_policy(cfg.model, cfg.parallel, cfg.optim, cfg.algorithm, arch,
+                               num_steps=cfg.trainer.num_steps,
+                               response_budget=cfg.rollout.max_new_tokens)  # fmt: skip
+    reference = build.build_reference(cfg.model, cfg.parallel, cfg.optim, cfg.algorithm, arch)
+    sync = build.build_sync(cfg.rollout, actor, arch, driver.engine, layout)
+    handoff = build.build_handoff(cfg.rollout, sync, driver.engine)
+    ckpt = build.build_checkpointer(cfg.checkpoint, cfg.model, cfg.parallel, arch,
+                                    run_dir=cfg.launch.run_dir, num_steps=cfg.trainer.num_steps)  # fmt: skip
     state = TrainerState()
     latest = ckpt.latest()
     if latest is not None:
@@ -140,7 +145,7 @@ def _train_step(
     samples, metrics, timings = platform.from_driver(
         lambda: _generate_and_reflect(cfg, step, driver, timer)
     )
-    timer.seconds.update(timings)
+    timer.seconds.update(timings)  # the driver's phases, timed on it, for every rank
     metrics.update(handoff.to_train())
     responses = [s for s in samples if s.term in ("pg", "rft")]  # the rollout responses
     engine_logprobs = [s.old_logprobs for s in responses]
@@ -195,9 +200,7 @@ def _generate_for(
     samples = policy_samples(groups, cfg.algorithm)
     metrics["tokens/rollout"] = float(sum(len(c.token_ids) for g in groups for c in g.completions))
     if cfg.algorithm.uses_meta_experience:
-        outcome = driver.reflector.run(driver.engine, groups, step)
-        for phase, seconds in outcome.seconds.items():
-            timer.seconds[phase] = timer.seconds.get(phase, 0.0) + seconds
+        outcome = driver.reflector.run(driver.engine, groups, step, timer)
         samples += outcome.samples
         metrics.update(outcome.metrics)
         metrics.update({f"tokens/{k}": float(v) for k, v in outcome.generated_tokens.items()})
@@ -215,9 +218,7 @@ def _evaluate(
 ) -> dict[str, float]:
     if not driver.benchmarks:
         return {}
-    spec = EvalSpec(k=cfg.trainer.eval_k, temperature=cfg.trainer.eval_temperature,
-                    max_new_tokens=cfg.trainer.eval_max_new_tokens or cfg.rollout.max_new_tokens,
-                    seed=cfg.launch.seed, score_truncated=cfg.reward.score_truncated)  # fmt: skip
+    spec = EvalSpec.from_config(cfg.trainer, cfg.reward, seed=cfg.launch.seed)
     results = evaluate(driver.engine, driver.formatter, driver.pool, driver.benchmarks, spec,
                        tag=f"eval/{step}")  # fmt: skip
     table = markdown_table(results)

@@ -1,4 +1,4 @@
-"""The verbs of a training step that are not the actor's: verify, build samples, time phases.
+"""The verbs of a training step that are not the actor's: verify, build samples, retry.
 
 The generation side of a step (rollout, verification, reflection, replay) runs on the driver
 rank (global rank 0), which owns the engine handle, the verifier pool and the tokenizer; its
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -26,24 +25,6 @@ from megatron_mel.rollout.groups import RolloutGroup
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-
-class PhaseTimer:
-    """Wall seconds per named phase of a step (``time/<phase>`` metrics)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
 def with_retries(fn: Callable[[], T], retries: int, what: str) -> T:
@@ -113,13 +94,10 @@ def policy_samples(groups: list[RolloutGroup], algorithm: AlgorithmConfig) -> li
             for i in positives:
                 samples.append(_sample(group, i, term="rft", group_size=len(positives)))
         return samples
-    estimator = algorithm.advantage or (
-        "reinforce_pp" if algorithm.name == "reinforce_pp" else "grpo"
-    )
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
     lengths = torch.tensor([[len(c.token_ids) for c in g.completions] for g in groups])
     advantages = compute_advantages(
-        estimator, rewards, num_tokens=lengths, std_normalize=algorithm.std_normalize
+        algorithm.estimator, rewards, num_tokens=lengths, std_normalize=algorithm.std_normalize
     )
     return [
         _sample(group, i, term="pg", advantage=float(advantages[g, i]))

@@ -30,9 +30,9 @@ def test_stage_leaders_feed_an_engine_on_a_rollout_node(micro_policy, tmp_path):
     dumps.mkdir()
     port = _free_block(4)
     shared = [
-        "rollout.engine=sglang", "rollout.placement=disaggregate", "rollout.sglang.engine_tp=1",
-        "rollout.sglang.num_engines=1", "rollout.sglang.server_module=tests.fakes.sglang_server",
-        f"rollout.sglang.base_port={port}", "launch.nodes=1", "launch.rollout_nodes=1",
+        "rollout.engine=sglang", "rollout.placement=disaggregate", "rollout.server.engine_tp=1",
+        "rollout.server.num_engines=1", "rollout.server.server_module=tests.fakes.sglang_server",
+        f"rollout.server.base_port={port}", "launch.nodes=1", "launch.rollout_nodes=1",
         "launch.gpus_per_node=2", f"model.hf_dir={micro_policy}", f"launch.run_dir={run_dir}",
     ]  # fmt: skip
     env = {**train_env(), "MEL_NODE_HOSTS": "127.0.0.1,127.0.0.1", "MEL_FAKE_DUMP_DIR": str(dumps)}

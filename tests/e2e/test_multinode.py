@@ -60,8 +60,8 @@ def test_two_nodes_each_feed_their_own_engine(micro_policy, tmp_path):
     base_port = _free_block(12)
     overrides = [
         "parallel.tp=2", "parallel.pp=2", "rollout.engine=sglang", "rollout.placement=colocate",
-        "rollout.sglang.engine_tp=2", "rollout.sglang.server_module=tests.fakes.sglang_server",
-        f"rollout.sglang.base_port={base_port}", "rollout.sglang.launch_timeout_s=300",
+        "rollout.server.engine_tp=2", "rollout.server.server_module=tests.fakes.sglang_server",
+        f"rollout.server.base_port={base_port}", "rollout.server.launch_timeout_s=300",
         "trainer.num_steps=2", "trainer.eval_every=0", "checkpoint.save_every=1",
         "checkpoint.keep_last=2",
     ]  # fmt: skip

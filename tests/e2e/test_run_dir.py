@@ -148,7 +148,8 @@ def test_re_run_steps_are_not_logged_to_mlflow_twice(finished, micro_policy, tmp
 
 
 def test_resume_with_another_dataset_is_refused_in_one_line(finished, micro_policy, tmp_path):
-    from megatron_mel.config import expand_path, load_config
+    from megatron_mel.assets.cache import expand_path
+    from megatron_mel.config import load_config
 
     run_dir = _copy(finished, tmp_path / "run")
     recipe = load_config(train_command(run_dir, micro_policy)[4], [f"model.hf_dir={micro_policy}"])

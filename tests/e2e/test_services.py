@@ -26,8 +26,8 @@ def test_an_unreachable_service_stops_the_run_before_the_model_is_built(
     if service == "mlflow":
         overrides, key = [f"tracking.tracking_uri={url}"], "tracking.tracking_uri: the MLflow"
     else:
-        overrides = ["rollout.engine=sglang", f"rollout.sglang.urls=[{url}]"]
-        key = "rollout.sglang.urls: the SGLang"
+        overrides = ["rollout.engine=sglang", f"rollout.server.urls=[{url}]"]
+        key = "rollout.server.urls: the SGLang"
     with started(tmp_path / "run", micro_policy, *QUICK, *overrides) as run:
         run.proc.wait(timeout=120)
         assert run.proc.returncode == 2, run.stderr()[-3000:]

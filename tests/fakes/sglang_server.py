@@ -1,7 +1,7 @@
 """A stand-in for ``python -m sglang.launch_server`` on CPU: the same command line and HTTP routes,
 generation by the embedded engine, and SGLang's rules where our code could break them.
 
-It is what `rollout.sglang.server_module: tests.fakes.sglang_server` launches in the multi-node
+It is what `rollout.server.server_module: tests.fakes.sglang_server` launches in the multi-node
 CPU tests, so the driver's SGLang client, the per-node server launch, the colocated weight
 transport and the memory hand-off run for real over loopback. Strict where SGLang is strict:
 

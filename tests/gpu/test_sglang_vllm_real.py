@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mel.config import RolloutConfig, SGLangConfig
+from megatron_mel.config import RolloutConfig, ServerConfig
 from megatron_mel.rollout.engine import GenerationRequest, SamplingParams, WeightBucket
 
 pytestmark = [
@@ -113,7 +113,7 @@ def test_sglang_real_engine(model_dir, tmp_path):
     cfg = RolloutConfig(
         engine="sglang",
         placement="colocate",
-        sglang=SGLangConfig(
+        server=ServerConfig(
             mem_fraction_static=0.3,
             request_timeout_s=300,
             # Released weights come back only with a CPU backup; an RL step re-pushes them.

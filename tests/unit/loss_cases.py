@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_mel.algorithms.token_loss import TokenLossParams
 from megatron_mel.ops import fused_combined_loss
 from megatron_mel.ops.reference import reference_combined_loss
 
@@ -30,6 +31,10 @@ class Case:
     padding: int = 0
     """Padded vocabulary rows appended to the output weight (model.vocab_padding_multiple)."""
     kwargs: tuple = ()
+    """TokenLossParams fields of the case, as (name, value) pairs."""
+
+    def params(self) -> TokenLossParams:
+        return TokenLossParams(**dict(self.kwargs))
 
 
 CASES = (
@@ -86,11 +91,10 @@ def _run(fn, case: Case, data: dict, **extra) -> tuple:
     weight = data["weight"].clone().requires_grad_(True)
     base = data["hidden_seed"].clone().requires_grad_(True)
     hidden = base + weight[data["ids"]] @ data["proj"] if case.tied else base
-    kwargs = dict(case.kwargs)
-    if kwargs.get("kl_coef"):
-        kwargs["ref_logprobs"] = data["ref_logprobs"]
+    params = case.params()
+    ref = data["ref_logprobs"] if params.kl_coef else None
     out = fn(hidden, weight, data["labels"], data["loss_type"], data["token_weight"],
-             data["advantages"], data["old_logprobs"], **kwargs, **extra)  # fmt: skip
+             data["advantages"], data["old_logprobs"], params, ref_logprobs=ref, **extra)  # fmt: skip
     loss, logprobs = out[0], out[1]
     entropy = out.entropy if hasattr(out, "entropy") else out[2]
     d_base, d_weight = torch.autograd.grad(loss, (base, weight), allow_unused=True)

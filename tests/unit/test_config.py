@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from megatron_mel.config import (
     RunConfig,
     flatten,
     load_config,
-    validate_layout,
 )
+from megatron_mel.models.arch import validate_layout
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -62,6 +63,29 @@ def test_unknown_section_suggests(tmp_path):
         ConfigError, match=r"recipe.yaml:3: unknown key 'rolout'.*did you mean 'rollout'"
     ):
         load_config(path)
+
+
+def test_the_old_server_section_is_refused_naming_the_new_one(tmp_path):
+    path = _write(tmp_path, "model:\n  hf_dir: x\nrollout:\n  sglang:\n    engine_tp: 2\n")
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(path))}:4: rollout.sglang is now rollout.server$"
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^--set rollout.sglang.urls: .* is now rollout.server"):
+        load_config(None, ["model.hf_dir=x", "rollout.sglang.urls=[http://n1:30000]"])
+    cfg = load_config(None, ["model.hf_dir=x", "rollout.server.engine_tp=2"])
+    assert cfg.rollout.server.engine_tp == 2
+
+
+def test_budgets_that_default_to_the_rollout_are_resolved_once():
+    cfg = load_config(None, ["model.hf_dir=x", "rollout.max_new_tokens=77"])
+    assert cfg.reflection.replay_max_new_tokens == 77
+    assert cfg.trainer.eval_max_new_tokens == 77
+    cfg = load_config(None, ["model.hf_dir=x", "trainer.eval_max_new_tokens=5",
+                             "reflection.replay_max_new_tokens=6"])  # fmt: skip
+    assert (cfg.trainer.eval_max_new_tokens, cfg.reflection.replay_max_new_tokens) == (5, 6)
+    with pytest.raises(ConfigError, match=r"trainer.eval_max_new_tokens: must be >= 1"):
+        load_config(None, ["model.hf_dir=x", "trainer.eval_max_new_tokens=0"])
 
 
 def test_unknown_override_key():

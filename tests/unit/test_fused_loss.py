@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_mel.algorithms.token_loss import TokenLossParams
 from megatron_mel.ops import fused_combined_loss
 from tests.unit.loss_cases import CASES, build, check_case, tolerance
 
@@ -22,7 +23,7 @@ def test_clip_case_really_clips_on_both_sides():
     data = build(case)
     out = fused_combined_loss(
         data["hidden_seed"], data["weight"], data["labels"], data["loss_type"],
-        data["token_weight"], data["advantages"], data["old_logprobs"], **dict(case.kwargs),
+        data["token_weight"], data["advantages"], data["old_logprobs"], case.params(),
     )  # fmt: skip
     ratio = torch.exp(out.logprobs - data["old_logprobs"])
     adv = data["advantages"]
@@ -88,7 +89,11 @@ def test_label_out_of_range_is_fine_on_ignored_tokens():
 
 def test_kl_needs_reference_logprobs():
     with pytest.raises(ValueError, match=r"kl_coef > 0 needs ref_logprobs"):
-        fused_combined_loss(**_inputs(), kl_coef=0.1)
+        fused_combined_loss(**_inputs(), params=TokenLossParams(kl_coef=0.1))
+    # The KL term applies to PG tokens only: a pack of NLL tokens needs no reference.
+    nll_only = {**_inputs(), "loss_type": torch.full((6,), 2, dtype=torch.int8)}
+    with_kl = fused_combined_loss(**nll_only, params=TokenLossParams(kl_coef=0.1))
+    assert torch.equal(with_kl.loss, fused_combined_loss(**nll_only).loss)
 
 
 class _OpLog(TorchDispatchMode):
@@ -189,3 +194,33 @@ def test_on_policy_equals_old_logprobs_of_the_same_weights(kernels):
     assert torch.allclose(loss0, loss1, rtol=1e-6, atol=1e-7)
     assert torch.allclose(dh0, dh1, rtol=1e-5, atol=1e-7)
     assert torch.allclose(dw0, dw1, rtol=1e-5, atol=1e-7)
+
+
+def test_the_training_loss_reads_the_device_only_for_its_input_checks_and_active_rows():
+    """On a GPU every read of a device value is a stall: the loss function of the actor keeps
+    its metrics as one tensor (read once per micro-batch by the actor, after the schedule). It
+    reads the device for the batched input checks and the count of active rows only."""
+    from megatron_mel.algorithms.aggregation import AggregationSpec, assign_token_weights
+    from megatron_mel.algorithms.loss import METRICS, make_loss
+    from megatron_mel.config import AlgorithmConfig
+    from megatron_mel.data.packing import TrainSample, pack_samples
+
+    samples = [
+        TrainSample(tokens=[3, 4, 5, 6, 7], num_context=2, term="pg", advantage=1.0,
+                    old_logprobs=[-1.0, -2.0, -1.5], prompt_id="a", group_size=1),
+        TrainSample(tokens=[3, 9, 8, 2], num_context=2, term="me", prompt_id="a", group_size=1),
+    ]  # fmt: skip
+    assign_token_weights(samples, AggregationSpec(num_prompts=1), None)
+    batch = pack_samples(samples, [0, 1])
+    hidden = torch.randn(batch.labels.numel(), 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    log = _OpLog()
+    with log:
+        out = make_loss(AlgorithmConfig(), vocab_size=50, kernels="torch")(
+            hidden, weight, batch, None
+        )
+    reads = [name for name, _ in log.calls if name in ("_local_scalar_dense", "nonzero", "item")]
+    assert reads == ["nonzero"], reads  # the active rows; the checks' one read is a tolist
+    assert out.metrics.shape == (len(METRICS),) and not out.metrics.requires_grad
+    sums = dict(zip(METRICS, out.metrics.tolist()))
+    assert (sums["pg_tokens"], sums["nll_tokens"]) == (3.0, 2.0)

@@ -91,7 +91,7 @@ def test_backoff_grows_and_is_capped():
 
 def _cfg(**sections):
     tracking = SimpleNamespace(backend="mlflow", tracking_uri="")
-    rollout = SimpleNamespace(engine="embedded", sglang=SimpleNamespace(urls=[]))
+    rollout = SimpleNamespace(engine="embedded", server=SimpleNamespace(urls=[]))
     return SimpleNamespace(**{"tracking": tracking, "rollout": rollout, **sections})
 
 
@@ -99,11 +99,11 @@ def test_check_services_probes_what_the_run_uses(monkeypatch):
     asked = []
     monkeypatch.setattr(health, "probe", lambda url, what, **kw: asked.append((url, what)))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.lab:5000/")
-    sglang = SimpleNamespace(engine="sglang", sglang=SimpleNamespace(urls=["http://n1:30000"]))
+    sglang = SimpleNamespace(engine="sglang", server=SimpleNamespace(urls=["http://n1:30000"]))
     health.check_services(_cfg(rollout=sglang))
     assert asked == [
         ("http://mlflow.lab:5000/health", "MLFLOW_TRACKING_URI: the MLflow server"),
-        ("http://n1:30000/health", "rollout.sglang.urls: the SGLang server"),
+        ("http://n1:30000/health", "rollout.server.urls: the SGLang server"),
     ]
     asked.clear()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/x/mlflow.db")

@@ -104,7 +104,7 @@ def test_70b_at_tp1_pp1_is_refused_with_the_weights_named():
 def test_engine_pool_too_small_for_its_weights_is_a_problem():
     arch = arch_from_hf_config(json.loads((SHAPES_DIR / "Llama-3.3-70B-Instruct.json").read_text()))
     cfg = load_config(REPO / "examples" / "llama3_70b_h100.yaml",
-                      ["rollout.sglang.mem_fraction_static=0.15"])  # fmt: skip
+                      ["rollout.server.mem_fraction_static=0.15"])  # fmt: skip
     est = estimate(cfg, arch, dp=2, engine_tp=8, colocated_engines=True,
                    separate_engines=False, gpu_mem_gib=80)  # fmt: skip
     assert any("does not hold its weights" in p for p in est.problems)
@@ -112,7 +112,7 @@ def test_engine_pool_too_small_for_its_weights_is_a_problem():
 
 def test_without_release_the_engine_pool_stays_through_training():
     arch = arch_from_hf_config(SMALL)
-    base = ["model.hf_dir=x", "rollout.engine=sglang", "rollout.sglang.mem_fraction_static=0.5"]
+    base = ["model.hf_dir=x", "rollout.engine=sglang", "rollout.server.mem_fraction_static=0.5"]
     kept = load_config(None, [*base, "rollout.release_memory=false"])
     released = load_config(None, base)
     args = dict(dp=1, engine_tp=1, colocated_engines=True, separate_engines=False, gpu_mem_gib=1)

@@ -186,8 +186,9 @@ def test_entropy_bonus_by_hand_through_the_fused_loss():
     out = fused_combined_loss(
         hidden, weight, torch.tensor([0]), torch.tensor([1], dtype=torch.int8),
         torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
-        torch.tensor([logp], dtype=torch.float64), entropy_coef=0.1, kl_coef=0.1,
-        kl_type="k3", ref_logprobs=torch.tensor([logp - LN2], dtype=torch.float64),
+        torch.tensor([logp], dtype=torch.float64),
+        TokenLossParams(entropy_coef=0.1, kl_coef=0.1, kl_type="k3"),
+        ref_logprobs=torch.tensor([logp - LN2], dtype=torch.float64),
     )  # fmt: skip
     assert float(out.logprobs[0]) == pytest.approx(logp, rel=1e-6)
     assert float(out.entropy[0]) == pytest.approx(entropy, rel=1e-6)

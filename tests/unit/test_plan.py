@@ -54,8 +54,8 @@ def test_a_world_size_the_model_cannot_split_into_is_refused(capsys):
 
 
 def test_engines_that_cannot_be_placed_are_refused(capsys):
-    code, _, err = _plan(capsys, R70B, *ALLOC, "--set", "rollout.sglang.num_engines=9")
-    assert code == 2 and "rollout.sglang.num_engines=9" in err and "room for 8" in err
+    code, _, err = _plan(capsys, R70B, *ALLOC, "--set", "rollout.server.num_engines=9")
+    assert code == 2 and "rollout.server.num_engines=9" in err and "room for 8" in err
 
 
 def test_disaggregated_70b_keeps_training_and_rollout_nodes_apart(capsys):

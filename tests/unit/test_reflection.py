@@ -19,8 +19,14 @@ from megatron_mel.reflection.templates import ReflectionTemplates
 from megatron_mel.rewards.verifier import RewardPool
 from megatron_mel.rollout.engine import Completion, GenerationResult, RolloutEngine
 from megatron_mel.rollout.groups import RolloutGroup
+from megatron_mel.timing import PhaseTimer
 
 ROLLOUT = RolloutConfig(max_new_tokens=64)
+
+
+def _reflection(**kwargs) -> ReflectionConfig:
+    """A ReflectionConfig as RunConfig resolves it (replay budget = rollout.max_new_tokens)."""
+    return ReflectionConfig(**{"replay_max_new_tokens": ROLLOUT.max_new_tokens, **kwargs})
 
 
 class ScriptedEngine(RolloutEngine):
@@ -81,9 +87,11 @@ def test_reflection_pipeline_exactly(formatter):
               _group(formatter, "C", [0, 0, 0, 0])]  # fmt: skip
     engine = ScriptedEngine(formatter)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
-        reflector = Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, pool,
+        reflector = Reflector(_reflection(), ReflectionTemplates(), formatter, pool,
                               rollout=ROLLOUT, score_truncated=False, max_seq_len=8192, seed=0)  # fmt: skip
-        outcome = reflector.run(engine, groups, step=5)
+        timer = PhaseTimer()
+        outcome = reflector.run(engine, groups, step=5, timer=timer)
+    assert set(timer.seconds) == {"reflection", "replay"}  # the step's timer has both phases
 
     reflect = [r for r in engine.requests if r.request_id.startswith("reflect/")]
     # Step 4: only the mixed group, every (correct, incorrect) pair.
@@ -147,10 +155,10 @@ def test_parsing_and_leaks():
 def test_leak_and_heuristics_filters(formatter):
     groups = [_group(formatter, "A", [1, 0])]
     engine = ScriptedEngine(formatter)
-    cfg = ReflectionConfig(require_heuristics=True, reject_answer_leaks=True)
+    cfg = _reflection(require_heuristics=True, reject_answer_leaks=True)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         outcome = Reflector(cfg, ReflectionTemplates(), formatter, pool,
-                            rollout=ROLLOUT, score_truncated=False, max_seq_len=8192, seed=0).run(engine, groups, step=1)  # fmt: skip
+                            rollout=ROLLOUT, score_truncated=False, max_seq_len=8192, seed=0).run(engine, groups, step=1, timer=PhaseTimer())  # fmt: skip
     (record,) = outcome.records
     assert record.has_heuristics and not record.leaked  # "analysis 0" has no 42 in it
     assert record.reason == "replay_failed"  # analysis 0 is even: the replay answers 41
@@ -165,10 +173,10 @@ def test_replay_samples_and_scores_like_a_rollout(formatter):
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         for score_truncated in (False, True):
             engine = ScriptedEngine(formatter, truncate_replays=True)
-            reflector = Reflector(ReflectionConfig(replay_temperature=0.7), ReflectionTemplates(),
+            reflector = Reflector(_reflection(replay_temperature=0.7), ReflectionTemplates(),
                                   formatter, pool, rollout=rollout,
                                   score_truncated=score_truncated, max_seq_len=8192, seed=0)  # fmt: skip
-            outcome = reflector.run(engine, groups, step=2)
+            outcome = reflector.run(engine, groups, step=2, timer=PhaseTimer())
             replays = [r for r in engine.requests if r.request_id.startswith("replay/")]
             assert replays and all(
                 (r.params.top_p, r.params.top_k, r.params.temperature, r.params.max_new_tokens)
@@ -208,10 +216,10 @@ def test_replays_of_one_question_draw_independent_streams(formatter, tmp_path):
     engine = Recording(EmbeddedEngine(load_arch(policy)))  # no weights loaded: all zeros
     group = _group(formatter, "A", [1, 0, 0])
     group.completions = [Completion([1], [0.0], "stop", 0) for _ in range(3)]
-    cfg = ReflectionConfig(max_new_tokens=12, replay_max_new_tokens=12, drop_truncated=False)
+    cfg = _reflection(max_new_tokens=12, replay_max_new_tokens=12, drop_truncated=False)
     with RewardPool(num_workers=1, timeout_s=5) as pool:
         Reflector(cfg, ReflectionTemplates(), formatter, pool, rollout=ROLLOUT,
-                  score_truncated=False, max_seq_len=8192, seed=0).run(engine, [group], step=1)  # fmt: skip
+                  score_truncated=False, max_seq_len=8192, seed=0).run(engine, [group], step=1, timer=PhaseTimer())  # fmt: skip
     analyses = [r for r in engine.results if r.request_id.startswith("reflect/")]
     replays = [r for r in engine.results if r.request_id.startswith("replay/")]
     assert len(analyses) == len(replays) == 2
@@ -224,13 +232,13 @@ def test_replays_of_one_question_draw_independent_streams(formatter, tmp_path):
 def test_meta_experience_longer_than_max_seq_len_is_dropped_and_counted(formatter):
     groups = [_group(formatter, "A", [1, 0])]
     engine = ScriptedEngine(formatter)
-    prompt_len = len(Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, None,
+    prompt_len = len(Reflector(_reflection(), ReflectionTemplates(), formatter, None,
                                rollout=ROLLOUT, score_truncated=False, max_seq_len=1,
                                seed=0)._experience_ids(groups[0], (0, 1)))  # fmt: skip
     with RewardPool(num_workers=1, timeout_s=5) as pool:
-        outcome = Reflector(ReflectionConfig(), ReflectionTemplates(), formatter, pool,
+        outcome = Reflector(_reflection(), ReflectionTemplates(), formatter, pool,
                             rollout=ROLLOUT, score_truncated=False, max_seq_len=prompt_len + 3,
-                            seed=0).run(engine, groups, step=1)  # fmt: skip
+                            seed=0).run(engine, groups, step=1, timer=PhaseTimer())  # fmt: skip
     (record,) = outcome.records
     assert record.reason == "too_long" and not outcome.samples
     assert outcome.metrics["mel/too_long"] == 1 and outcome.metrics["mel/candidates"] == 0

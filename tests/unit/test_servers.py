@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from megatron_mel.config import RolloutConfig, SGLangConfig
+from megatron_mel.config import RolloutConfig, ServerConfig
 from megatron_mel.rollout.http import HttpError, request_json
 from megatron_mel.rollout.placement import EngineSlot
 from megatron_mel.rollout.servers import NodeServers, server_command, server_env
@@ -51,7 +51,7 @@ def test_server_env_drops_the_launcher_variables():
 def _fake_config() -> RolloutConfig:
     return RolloutConfig(
         engine="sglang",
-        sglang=SGLangConfig(server_module="tests.fakes.sglang_server", launch_timeout_s=120),
+        server=ServerConfig(server_module="tests.fakes.sglang_server", launch_timeout_s=120),
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mel.config import RolloutConfig, SGLangConfig
+from megatron_mel.config import RolloutConfig, ServerConfig
 from megatron_mel.rollout.engine import (
     EngineError,
     GenerationRequest,
@@ -539,7 +539,7 @@ def test_gpu_paths_explain_themselves_without_cuda_or_sglang(tmp_path):
     from megatron_mel.rollout.servers import NodeServers
 
     slot = EngineSlot(index=0, node=0, gpus=(0,), host="127.0.0.1", port=30000)
-    servers = NodeServers([slot], RolloutConfig(engine="sglang", sglang=SGLangConfig()),
+    servers = NodeServers([slot], RolloutConfig(engine="sglang", server=ServerConfig()),
                           model_path="/models/x", seed=0, log_dir=tmp_path)  # fmt: skip
     with pytest.raises(
         GPUBackendUnavailable, match=r"pip install -e \.\[sglang\].*rollout.engine: embedded"
@@ -566,7 +566,7 @@ def test_stage_sender_broadcasts_uint8_buckets_over_gloo(tiny_models, tmp_path, 
     model = tiny_models["qwen2"]
     slot = EngineSlot(index=0, node=0, gpus=(0,), host="127.0.0.1", port=_free_port())
     cfg = RolloutConfig(engine="sglang", placement="disaggregate",
-                        sglang=SGLangConfig(server_module="tests.fakes.sglang_server", launch_timeout_s=120))  # fmt: skip
+                        server=ServerConfig(server_module="tests.fakes.sglang_server", launch_timeout_s=120))  # fmt: skip
     servers = NodeServers([slot], cfg, model_path=str(model), seed=0, log_dir=tmp_path)
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

@@ -19,6 +19,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # must hold before triton is impo
 
 import torch
 
+from megatron_mel.algorithms.token_loss import TokenLossParams
 from megatron_mel.ops.fused_loss import fused_combined_loss
 from megatron_mel.ops.logit_kernels import TorchLogitKernels
 from megatron_mel.ops.triton_kernels import TritonLogitKernels
@@ -159,7 +160,8 @@ def check_fused() -> None:
         weight = weight0.clone().requires_grad_(True)
         out = fused_combined_loss(
             hidden, weight, labels, loss_type, token_weight, advantages, old_logprobs,
-            kl_coef=0.1, ref_logprobs=ref_logprobs, entropy_coef=0.01, kernels=name,
+            TokenLossParams(kl_coef=0.1, entropy_coef=0.01), ref_logprobs=ref_logprobs,
+            kernels=name,
             chunk_bytes=4 * vocab * 6,  # 6 rows a chunk: 15 active tokens -> 3 chunks
         )  # fmt: skip
         (out.loss * 1.5).backward()

@@ -77,7 +77,7 @@ def main() -> None:
         metrics = actor.forward_backward(samples, step=0, num_prompts=2, micro_batch_tokens=budget)
         from megatron_mel.data.packing import plan_micro_batches, shard_for_data_parallel
 
-        local = shard_for_data_parallel(samples, ctx.dp_rank, ctx.dp_size)
+        local = [samples[i] for i in shard_for_data_parallel(samples, ctx.dp_rank, ctx.dp_size)]
         num_mb = len(plan_micro_batches([len(s.tokens) for s in local], budget))
         counts = [None] * ctx.world_size
         torch.distributed.all_gather_object(counts, num_mb)

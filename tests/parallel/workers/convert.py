@@ -15,10 +15,10 @@ import torch
 
 def main() -> None:
     from megatron_mel import platform
-    from megatron_mel.config import ModelConfig, ParallelConfig, read_hf_config
+    from megatron_mel.config import ModelConfig, ParallelConfig
     from megatron_mel.convert import checkpoint
     from megatron_mel.convert.verify import reference_inputs
-    from megatron_mel.models.arch import load_arch
+    from megatron_mel.models.arch import load_arch, read_hf_config
     from megatron_mel.models.forward import (
         batched_micro_batch,
         forward_logits,

@@ -33,20 +33,19 @@ def main() -> None:
         vocab, padding = PADDED.get(name, (1006, 0))
         case = type(base)(**{**base.__dict__, "name": name, "vocab": vocab, "padding": padding})
         data = build(case)
-        kwargs = dict(case.kwargs)
-        if kwargs.get("kl_coef"):
-            kwargs["ref_logprobs"] = data["ref_logprobs"]
+        params = case.params()
+        kwargs = {"ref_logprobs": data["ref_logprobs"] if params.kl_coef else None}
         args = (data["labels"], data["loss_type"], data["token_weight"], data["advantages"],
                 data["old_logprobs"])  # fmt: skip
         # The reference sees the real rows only; the shards hold real and padded rows.
         full_w = data["weight"][:vocab].clone().requires_grad_(True)
         hidden = data["hidden_seed"].clone().requires_grad_(True)
-        ref = reference_combined_loss(hidden, full_w, *args, **kwargs)
+        ref = reference_combined_loss(hidden, full_w, *args, params, **kwargs)
         ref_dh, ref_dw = torch.autograd.grad(ref[0], (hidden, full_w))
         shard = data["weight"].chunk(size)[rank].clone().requires_grad_(True)
         start = rank * shard.shape[0]
         hidden2 = data["hidden_seed"].clone().requires_grad_(True)
-        out = fused_combined_loss(hidden2, shard, *args, **kwargs, tp_group=group,
+        out = fused_combined_loss(hidden2, shard, *args, params, **kwargs, tp_group=group,
                                   kernels=kernels, chunk_bytes=4 * 503 * 7,
                                   vocab_size=vocab if padding else None)  # fmt: skip
         dh, dw = torch.autograd.grad(out[0], (hidden2, shard))

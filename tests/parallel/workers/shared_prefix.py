@@ -56,7 +56,8 @@ def main() -> None:
         actor.share_prefixes = share
         samples = batch()
         metrics = actor.forward_backward(samples, step=1, num_prompts=2)
-        local = shard_for_data_parallel(samples, ctx.dp_rank, ctx.dp_size, share_prefixes=share)
+        mine = shard_for_data_parallel(samples, ctx.dp_rank, ctx.dp_size, share_prefixes=share)
+        local = [samples[i] for i in mine]
         tokens = sum(mb.num_tokens for mb in pack_micro_batches(local, 8192, share_prefixes=share))
         grads = {n: p.main_grad.detach().clone()
                  for n, p in unwrap(actor.chunks[0]).named_parameters()}  # fmt: skip

@@ -21,11 +21,10 @@ def main() -> None:
         ModelConfig,
         OptimConfig,
         ParallelConfig,
-        read_hf_config,
     )
     from megatron_mel.convert.checkpoint import load_hf_weights, save_mcore
     from megatron_mel.convert.mapping import expected_hf_names
-    from megatron_mel.models.arch import load_arch
+    from megatron_mel.models.arch import load_arch, read_hf_config
     from megatron_mel.models.gpt import build_model_chunks
     from megatron_mel.rollout.embedded import EmbeddedEngine
     from megatron_mel.rollout.engine import WeightBucket

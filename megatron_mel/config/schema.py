@@ -1,48 +1,28 @@
-"""Typed run configuration: dataclasses <-> YAML, dotted CLI overrides, validation.
+"""The run configuration's schema: one tree of typed sections, each field with its docstring.
 
-The whole run is one tree of ``@dataclass(kw_only=True, slots=True)`` sections. YAML files and
-``--set section.key=value`` overrides are parsed into it by :func:`load_config`, which checks every
-key and type and reports problems as ``file:line: dotted.key: what was expected``. Unknown keys name
-the closest valid ones. Checks that need the model's shape (heads divisible by TP, layers by PP,
-world size = TP x PP x DP) live in :func:`validate_layout`; they read only ``config.json`` so they
-fail before anything heavy is imported.
+Every section is a ``@dataclass(kw_only=True, slots=True)``; ``__post_init__`` checks raise
+ConfigError naming the dotted key (the loader, ``config/loader.py``, adds ``file:line``).
+``RunConfig.__post_init__`` holds the cross-section checks and resolves the defaults that refer
+to another section (a ``None`` budget becomes ``rollout.max_new_tokens``), so no reader repeats
+them. Checks that need the model's shape (heads divisible by TP, layers by PP, world size) live
+in ``models/arch.py``: they read ``config.json``.
 
 Defaults follow ../shared/spec/MEL.md (marked "paper" where the paper fixes them).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-# YAML + overrides -> RunConfig lives in config_loader.py; re-exported so there is one import.
-from megatron_mel.config_loader import dump_yaml as dump_yaml
-from megatron_mel.config_loader import flatten as flatten
-from megatron_mel.config_loader import from_dict as from_dict
-from megatron_mel.config_loader import load_config as load_config
-from megatron_mel.config_loader import to_dict as to_dict
-from megatron_mel.errors import ConfigError as ConfigError
+from megatron_mel.assets.cache import expand_path
+from megatron_mel.errors import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
 
-
-ASSET_PREFIX = "asset:"
-
-
-def asset_cache_dir() -> Path:
-    """Where the offline assets live: ``$MEGATRON_MEL_CACHE`` or ``~/.cache/megatron_mel``."""
-    return Path(os.environ.get("MEGATRON_MEL_CACHE") or Path.home() / ".cache" / "megatron_mel")
-
-
-def expand_path(value: str) -> str:
-    """Resolve ``asset:<path>`` against the asset cache and expand ``~`` and ``$VARS``, so
-    recipes name the offline model and data without machine-specific paths."""
-    if value.startswith(ASSET_PREFIX):
-        return str(asset_cache_dir() / value[len(ASSET_PREFIX) :])
-    return os.path.expanduser(os.path.expandvars(value)) if value else value
+RENAMED_KEYS = {"rollout.sglang": "rollout.server"}
+"""Keys a recipe may still use from an older release -> the key that replaced them; the loader
+refuses the old one with a message naming the new one."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +130,7 @@ class DataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class SGLangConfig:
+class ServerConfig:
     num_engines: int | None = None
     """Rollout engine replicas (each spans engine_tp GPUs of one node); None fills every slot the
     placement has (rollout/placement.py)."""
@@ -178,18 +158,18 @@ class SGLangConfig:
     def __post_init__(self) -> None:
         _require(
             self.num_engines is None or self.num_engines >= 1,
-            "rollout.sglang.num_engines",
+            "rollout.server.num_engines",
             "must be >= 1 or null (fill the placement)",
         )
-        _require(self.engine_tp >= 1, "rollout.sglang.engine_tp", "must be >= 1")
+        _require(self.engine_tp >= 1, "rollout.server.engine_tp", "must be >= 1")
         _require(
             0 < self.mem_fraction_static < 1,
-            "rollout.sglang.mem_fraction_static",
+            "rollout.server.mem_fraction_static",
             "must be in (0, 1)",
         )
-        _require(1024 <= self.base_port <= 65000, "rollout.sglang.base_port", "must be a port")
-        _require(self.request_timeout_s > 0, "rollout.sglang.request_timeout_s", "must be > 0")
-        _require(self.launch_timeout_s > 0, "rollout.sglang.launch_timeout_s", "must be > 0")
+        _require(1024 <= self.base_port <= 65000, "rollout.server.base_port", "must be a port")
+        _require(self.request_timeout_s > 0, "rollout.server.request_timeout_s", "must be > 0")
+        _require(self.launch_timeout_s > 0, "rollout.server.launch_timeout_s", "must be > 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -223,7 +203,9 @@ class RolloutConfig:
     before training stops; retries reuse the same prompts and seeds."""
     embedded_max_batch_size: int = 64
     """Sequences the embedded engine decodes at once (more are queued in batches)."""
-    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The inference servers of rollout.engine sglang or vllm (vLLM reads engine_tp and
+    mem_fraction_static from here too)."""
 
     def __post_init__(self) -> None:
         _require(
@@ -249,7 +231,7 @@ class ReflectionConfig:
     replay_temperature: float = 1.0
     """Sampling temperature of the replay (validation) solve."""
     replay_max_new_tokens: int | None = None
-    """Replay budget; None = rollout.max_new_tokens."""
+    """Replay budget; None = rollout.max_new_tokens (resolved when the RunConfig is built)."""
     drop_truncated: bool = True
     """Drop meta-experiences cut by reflection.max_new_tokens (MEL.md step 5 DEFAULT)."""
     reject_answer_leaks: bool = False
@@ -268,6 +250,11 @@ class ReflectionConfig:
             "must be >= 1 or null (all pairs)",
         )
         _require(self.max_new_tokens >= 1, "reflection.max_new_tokens", "must be >= 1")
+        _require(
+            self.replay_max_new_tokens is None or self.replay_max_new_tokens >= 1,
+            "reflection.replay_max_new_tokens",
+            "must be >= 1 or null (rollout.max_new_tokens)",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -316,6 +303,11 @@ class AlgorithmConfig:
     @property
     def uses_meta_experience(self) -> bool:
         return self.name == "mel" if self.meta_experience is None else self.meta_experience
+
+    @property
+    def estimator(self) -> str:
+        """The advantage estimator: ``advantage``, or the one that goes with ``name``."""
+        return self.advantage or ("reinforce_pp" if self.name == "reinforce_pp" else "grpo")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -417,7 +409,8 @@ class TrainerConfig:
     eval_temperature: float = 0.6
     """Sampling temperature of Avg@k / Pass@k (paper: 0.6); Pass@1 is greedy."""
     eval_max_new_tokens: int | None = None
-    """Evaluation response budget; None = rollout.max_new_tokens."""
+    """Evaluation response budget; None = rollout.max_new_tokens (resolved when the RunConfig
+    is built)."""
     eval_limit: int | None = None
     """Evaluate only the first N problems of each benchmark (quick CPU runs); None = all."""
 
@@ -425,6 +418,11 @@ class TrainerConfig:
         _require(self.num_steps >= 1, "trainer.num_steps", "must be >= 1")
         _require(self.eval_every >= 0, "trainer.eval_every", "must be >= 0")
         _require(self.eval_k >= 1, "trainer.eval_k", "must be >= 1")
+        _require(
+            self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1,
+            "trainer.eval_max_new_tokens",
+            "must be >= 1 or null (rollout.max_new_tokens)",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -468,8 +466,13 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
+        # Budgets that default to the rollout's, resolved here once for every reader.
+        if self.reflection.replay_max_new_tokens is None:
+            self.reflection.replay_max_new_tokens = self.rollout.max_new_tokens
+        if self.trainer.eval_max_new_tokens is None:
+            self.trainer.eval_max_new_tokens = self.rollout.max_new_tokens
         algo, group = self.algorithm, self.rollout.samples_per_prompt
-        estimator = algo.advantage or ("reinforce_pp" if algo.name == "reinforce_pp" else "grpo")
+        estimator = algo.estimator
         relative = algo.name != "rft" and estimator in ("grpo", "rloo")
         _require(
             group >= 2 or not (relative or algo.uses_meta_experience),
@@ -492,64 +495,3 @@ class RunConfig:
 def _require(ok: bool, key: str, expectation: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {expectation}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Cross-field checks that need the model shape
-# ---------------------------------------------------------------------------------------------
-
-
-def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """The HF ``config.json`` of ``hf_dir`` as a dict, with a clear error if it is missing."""
-    path = Path(hf_dir)
-    if not path.is_dir():
-        raise ConfigError(f"model.hf_dir: HF model directory {str(path)!r} does not exist")
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError(f"model.hf_dir: {str(cfg_path)!r} is missing (not an HF model dir?)")
-    try:
-        return json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{cfg_path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-
-
-def validate_layout(
-    parallel: ParallelConfig,
-    *,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    world_size: int,
-) -> int:
-    """Check TP/PP/DP against the model shape and world size; return the data-parallel size."""
-    tp, pp = parallel.tp, parallel.pp
-    if num_heads % tp:
-        raise ConfigError(
-            f"parallel.tp={tp} does not divide the {num_heads} attention heads "
-            f"(valid tp: {_divisors(num_heads, num_kv_heads)})"
-        )
-    if num_kv_heads % tp:
-        raise ConfigError(
-            f"parallel.tp={tp} does not divide the {num_kv_heads} KV heads "
-            f"(valid tp: {_divisors(num_heads, num_kv_heads)})"
-        )
-    vpp = parallel.vpp or 1
-    if num_layers % (pp * vpp):
-        raise ConfigError(
-            f"parallel.pp={pp}{f' x vpp={vpp}' if vpp > 1 else ''} does not divide the "
-            f"{num_layers} layers"
-        )
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not a multiple of tp x pp = {tp} x {pp} = {tp * pp}"
-        )
-    dp = world_size // (tp * pp)
-    if parallel.dp is not None and parallel.dp != dp:
-        raise ConfigError(
-            f"parallel.dp={parallel.dp} but world size {world_size} = tp {tp} x pp {pp} x dp {dp}"
-        )
-    return dp
-
-
-def _divisors(*counts: int) -> str:
-    return ", ".join(str(d) for d in range(1, min(counts) + 1) if all(c % d == 0 for c in counts))

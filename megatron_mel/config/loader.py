@@ -1,6 +1,6 @@
 """YAML + dotted overrides -> typed config dataclasses, with errors naming file:line and key.
 
-Generic over the dataclass tree of megatron_mel/config.py: every key is checked against the
+Generic over a dataclass tree (``RunConfig`` of config/schema.py by default): every key is checked against the
 fields (unknown keys name the closest valid ones), every value against the field's type, and each
 error carries where the value came from: ``file:line`` for keys of the YAML file, ``--set key``
 for overrides. ``__post_init__`` checks of the sections raise ConfigError, re-located the same way.
@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_mel.config.schema import RENAMED_KEYS, RunConfig
 from megatron_mel.errors import ConfigError
 
 
@@ -25,17 +26,13 @@ def load_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
     *,
-    cls: type[Any] | None = None,
+    cls: type[Any] = RunConfig,
 ) -> Any:
     """Build ``cls`` from a YAML file plus ``key.sub=value`` overrides (values parsed as YAML).
 
     Raises ConfigError naming ``file:line`` (for keys from the file) or ``--set key`` (for
     overrides) and what was expected.
     """
-    if cls is None:
-        from megatron_mel.config import RunConfig
-
-        cls = RunConfig
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = "<defaults>"
@@ -154,6 +151,10 @@ def from_dict(
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if dotted in RENAMED_KEYS:
+            raise ConfigError(
+                f"{_where(origins, dotted, source)}: {dotted} is now {RENAMED_KEYS[dotted]}"
+            )
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
