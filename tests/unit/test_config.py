@@ -88,6 +88,14 @@ def test_budgets_that_default_to_the_rollout_are_resolved_once():
         load_config(None, ["model.hf_dir=x", "trainer.eval_max_new_tokens=0"])
 
 
+def test_max_seq_len_shorter_than_a_rollout_sequence_is_refused():
+    """model.max_seq_len means what it says: the longest prompt plus the response budget fits."""
+    base = ["model.hf_dir=x", "data.max_prompt_tokens=100", "rollout.max_new_tokens=50"]
+    assert load_config(None, [*base, "model.max_seq_len=150"]).model.max_seq_len == 150
+    with pytest.raises(ConfigError, match=r"model.max_seq_len: 149 is shorter than .* = 150"):
+        load_config(None, [*base, "model.max_seq_len=149"])
+
+
 def test_unknown_override_key():
     with pytest.raises(ConfigError, match=r"--set optim.lrr.*did you mean 'lr'"):
         load_config(None, ["model.hf_dir=x", "optim.lrr=1"])

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megatron_mel.config import ConfigError
-from megatron_mel.data.datasets import load_problems
+from megatron_mel.data.datasets import Problem, drop_long_prompts, load_problems
 from megatron_mel.data.sampler import PromptSampler
 from tests.conftest import REPO
 
@@ -100,3 +100,24 @@ def test_sampler_resumes_exactly():
     assert sorted(p.id for p in first + rest[:2]) == sorted(p.id for p in problems)
     with pytest.raises(ValueError, match="dataset or seed changed"):
         PromptSampler(problems[:3], seed=3).load_state_dict(state)
+
+
+class _CharFormatter:
+    """One token per character, so prompt lengths are known exactly."""
+
+    class tokenizer:  # stands in for a HF tokenizer
+        @staticmethod
+        def get_vocab() -> dict[str, int]:
+            return {"a": 0, "bb": 1}
+
+    @staticmethod
+    def solve_prompt(question: str) -> list[int]:
+        return [0] * len(question)
+
+
+def test_long_prompts_are_dropped_and_counted():
+    problems = [Problem(str(i), "q" * n, "1", f"d.jsonl:{i + 1}") for i, n in enumerate([3, 9, 4])]
+    kept, dropped = drop_long_prompts(problems, _CharFormatter(), max_tokens=4)
+    assert [p.id for p in kept] == ["0", "2"] and dropped == 1
+    with pytest.raises(ConfigError, match=r"data\.max_prompt_tokens=2: every prompt is longer"):
+        drop_long_prompts(problems, _CharFormatter(), max_tokens=2)

@@ -7,6 +7,7 @@ import torch
 
 from megatron_mel.algorithms.token_loss import IGNORE, NLL, PG
 from megatron_mel.data.packing import (
+    SequenceTooLongError,
     TrainSample,
     pack_micro_batches,
     pack_samples,
@@ -135,3 +136,12 @@ def test_shared_units_are_never_split():
     assert [b.num_tokens for b in shared] == [33]
     local = [shard_for_data_parallel(group, r, 2, share_prefixes=True) for r in (0, 1)]
     assert [len(x) for x in local] == [4, 0]
+
+
+def test_a_sample_longer_than_max_seq_len_is_an_error_naming_the_key():
+    ok = TrainSample(tokens=list(range(8)), num_context=4, term="pg")
+    long = TrainSample(tokens=list(range(9)), num_context=4, term="me", prompt_id="p7")
+    assert len(pack_micro_batches([ok], 64, max_seq_len=8)) == 1
+    with pytest.raises(SequenceTooLongError, match=r"sample 1 \(me, prompt 'p7'\) has 9 tokens, "
+                       r"more than model.max_seq_len=8"):  # fmt: skip
+        pack_micro_batches([ok, long], 64, max_seq_len=8)
