@@ -145,14 +145,11 @@ def test_a_huge_prompt_is_dropped_without_being_tokenized(micro_policy, tmp_path
         return original(self, question)
 
     class NoPool:
-        def __init__(self, *args, **kwargs):
-            pass
-
         def close(self):
             pass
 
     monkeypatch.setattr(PromptFormatter, "solve_prompt", recording)
-    monkeypatch.setattr(build, "RewardPool", NoPool)
+    monkeypatch.setattr(build, "build_reward_pool", lambda reward: NoPool())
     monkeypatch.setattr(build, "build_engine", lambda *args, **kwargs: None)
     cfg = load_config(RECIPE, [f"model.hf_dir={micro_policy}", f"launch.run_dir={tmp_path}"])
     huge = "1 + " * 1_250_000 + "1 = ?"
