@@ -64,3 +64,12 @@ def run_convert_tool(*args: str, timeout: float = 600) -> subprocess.CompletedPr
         text=True,
         timeout=timeout,
     )
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a dead child nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

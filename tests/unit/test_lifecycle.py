@@ -13,7 +13,7 @@ import textwrap
 import time
 
 from megatron_mel import lifecycle
-from tests.conftest import REPO
+from tests.conftest import REPO, pid_alive
 
 RANK = textwrap.dedent("""
     import os, sys, time
@@ -122,17 +122,9 @@ def test_a_worker_dies_with_its_launcher():
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and _alive(child):
+    while time.monotonic() < deadline and pid_alive(child):
         time.sleep(0.1)
-    assert not _alive(child)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not pid_alive(child)
 
 
 def test_without_a_process_group_the_request_is_local():

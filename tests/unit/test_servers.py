@@ -17,7 +17,7 @@ from megatron_mel.rollout.http import HttpError, request_json
 from megatron_mel.rollout.placement import EngineSlot
 from megatron_mel.rollout.servers import NodeServers, server_command, server_env
 from megatron_mel.rollout.sglang_weights import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, pid_alive
 
 
 def test_server_command_pins_every_port_and_gpu():
@@ -98,19 +98,11 @@ def test_servers_die_with_the_rank_that_started_them(tiny_models, tmp_path):
         rank.send_signal(signal.SIGKILL)  # no cleanup code runs in the rank
         rank.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(server_pid) and time.monotonic() < deadline:
+        while pid_alive(server_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(server_pid), "the server outlived the rank that started it"
+        assert not pid_alive(server_pid), "the server outlived the rank that started it"
     finally:
         rank.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_launched_processes_survive_slurms_sigusr1_warning():
