@@ -16,8 +16,9 @@ non-finite returns and worker crashes) are counted across calls, a success reset
 function and the first exception of the streak. Timeouts do not count either way: they depend
 on the input (sympy on a tower of powers), not on the function being broken.
 
-Workers come from a forkserver that has already imported the reward modules, so replacing a
-killed worker costs milliseconds, not a sympy import.
+Workers come from a forkserver that has already imported the reward modules and run one
+symbolic check (rewards/forkserver_warmup.py), so replacing a killed worker costs milliseconds,
+not a sympy import, and no worker pays math-verify's first-use set-up inside a check's deadline.
 
 The built-in reward (:func:`math_reward`) extracts the final answer itself: the last
 ``\\boxed{}`` or a GSM8K ``#### N``; a response without one scores 0 and is labelled
@@ -187,7 +188,8 @@ class RewardPool:
         self._first_failure: str | None = None
         self._ctx = mp.get_context("forkserver")
         module = reward_fn.partition(":")[0] if ":" in reward_fn else reward_fn.rpartition(".")[0]
-        self._ctx.set_forkserver_preload(["megatron_mel.rewards.verifier", "math_verify", module])
+        preload = ["megatron_mel.rewards.verifier", "math_verify", module]
+        self._ctx.set_forkserver_preload([*preload, "megatron_mel.rewards.forkserver_warmup"])
         self._workers = [self._spawn() for _ in range(max(1, num_workers))]
 
     @classmethod

@@ -49,3 +49,12 @@ def raises_on_odd_length(response: str, answer: str) -> float:
     if len(response) % 2:
         raise ValueError("odd")
     return 1.0
+
+
+def latex_parser_warm(response: str, answer: str) -> float:
+    """1.0 when math-verify's LaTeX parser (antlr) already holds prediction states before this
+    check parses anything: the worker was forked from a reward server that ran a check first."""
+    import sys
+
+    parsers = [m.PSParser for name, m in list(sys.modules.items()) if name.endswith(".PSParser")]
+    return float(any(sum(len(dfa._states) for dfa in p.decisionsToDFA) for p in parsers))
