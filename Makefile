@@ -15,8 +15,9 @@ PYTEST_ARGS ?=
 # Two pytest workers, one test file each at a time (module fixtures are built once): most
 # end-to-end runs use one core and wait on processes, so the suite needs both cores to be fast.
 PYTEST_WORKERS ?= 2
+PYTEST   := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
-.PHONY: setup assets assets-qwen slurm test demo lint format clean
+.PHONY: setup assets assets-qwen slurm test test-slow test-all demo lint format clean
 
 setup: $(STAMP)
 
@@ -50,8 +51,16 @@ slurm:
 		bash tools/local_slurm.sh install; \
 	else echo "make: not root or no apt-get: the Slurm tests will skip"; fi
 
-test: setup assets slurm
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+# Two tiers. `make test`: every test but the end-to-end ones marked `slow` (each over a
+# minute: Slurm jobs, signals to live runs, resume after SIGKILL, two nodes, MEL micro runs).
+# `make test-slow`: those. CI (.ci/run) runs both; `make test-all` does the same here.
+test: setup assets
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup assets slurm
+	$(PYTEST) -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 # A fresh run directory per demo (an existing one would be resumed, not rerun).
 DEMO_RUN ?= runs/tiny_cpu-$(shell date +%Y%m%d-%H%M%S)
