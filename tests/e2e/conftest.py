@@ -103,7 +103,9 @@ class SlurmCluster:
 def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     """tools/local_slurm.sh up in a temporary folder (installs Slurm first as root); down after."""
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster runs its daemons as root (CI runs `make test-slow` as root)")
+        pytest.skip(
+            "the local Slurm cluster runs its daemons as root (CI runs `make test-slow` as root)"
+        )
     script = str(REPO / "tools" / "local_slurm.sh")
     folder = tmp_path_factory.mktemp("slurm")
     up = subprocess.run(["bash", script, "up", str(folder)], capture_output=True, text=True,
