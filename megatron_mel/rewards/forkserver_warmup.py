@@ -1,7 +1,7 @@
 """Imported by the reward pool's forkserver (verifier.RewardPool), nowhere else.
 
 math-verify builds its LaTeX parser and sympy's caches on first use: the first symbolic check in
-a process takes ~0.3 s on an idle core and seconds on a node busy with training. A worker forked
+a process takes ~0.3 s on an idle core and longer on a loaded one. A worker forked
 before that paid it inside its first check's deadline, and a correct answer could score 0 as a
 timeout. Importing this module runs that first use once, in the server, so every worker forks
 with it done.

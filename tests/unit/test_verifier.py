@@ -69,7 +69,7 @@ def _hostile(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def test_workers_fork_with_the_latex_parser_already_warmed():
-    """The parser's first-use set-up (~0.3 s idle, seconds on a busy node) happened in the
+    """The parser's first-use set-up (~0.3 s idle, longer under load) happened in the
     forkserver, not inside a worker's first check and its deadline."""
     with RewardPool("tests.contracts.rewards:latex_parser_warm", num_workers=1) as pool:
         assert pool.score([("\\boxed{1}", "1")]) == [1.0]
