@@ -90,10 +90,11 @@ def launcher_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago on loopback (for single-node rendezvous)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host`` (loopback: single-node rendezvous; a
+    node's address: a store other nodes connect to)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

@@ -284,12 +284,6 @@ def init_custom_process_group(
     return pg
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 class StageSender:
     """The NCCL (gloo in CPU tests) sender of one pipeline stage's leader: rank 0 of
     ``mel-pp{stage}``. The group is made once, on the first send, and destroyed by close()."""
@@ -323,7 +317,7 @@ class StageSender:
             return self.plan
         if self.backend == "nccl":
             require_cuda("SGLang NCCL weight sync")
-        port = free_port(self.master_address)
+        port = platform.free_port(self.master_address)
         plan = plan_weight_group(self.urls, self.engine_tps, stage=self.stage,
                                  master_address=self.master_address, master_port=port,
                                  backend=self.backend)  # fmt: skip

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_mel.rollout.sglang_weights import free_port
+from megatron_mel.platform import free_port
 from tests.conftest import REPO, run_convert_tool
 from tests.e2e.conftest import train_command, train_env
 

@@ -104,11 +104,12 @@ def run_engine_checks(engine, model_dir: Path, load) -> None:
 def test_sglang_real_engine(model_dir, tmp_path):
     """One server on GPU 0 started like a node's launcher starts it; the bucket goes over CUDA
     IPC as the colocated transport sends it (one entry: tp=1)."""
+    from megatron_mel.platform import free_port
     from megatron_mel.rollout.http import poster
     from megatron_mel.rollout.placement import EngineSlot
     from megatron_mel.rollout.servers import NodeServers
     from megatron_mel.rollout.sglang_engine import SGLangEngine
-    from megatron_mel.rollout.sglang_weights import free_port, sglang_serializer, tensor_request
+    from megatron_mel.rollout.sglang_weights import sglang_serializer, tensor_request
 
     cfg = RolloutConfig(
         engine="sglang",

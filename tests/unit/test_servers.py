@@ -13,10 +13,10 @@ import time
 import pytest
 
 from megatron_mel.config import RolloutConfig, ServerConfig
+from megatron_mel.platform import free_port
 from megatron_mel.rollout.http import HttpError, request_json
 from megatron_mel.rollout.placement import EngineSlot
 from megatron_mel.rollout.servers import NodeServers, server_command, server_env
-from megatron_mel.rollout.sglang_weights import free_port
 from tests.conftest import REPO, pid_alive
 
 

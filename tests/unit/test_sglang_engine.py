@@ -602,7 +602,7 @@ def test_stage_sender_broadcasts_uint8_buckets_over_gloo(tiny_models, tmp_path, 
 
 
 def _free_port() -> int:
-    from megatron_mel.rollout.sglang_weights import free_port
+    from megatron_mel.platform import free_port
 
     return free_port()
 
