@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -52,6 +55,10 @@ def test_launcher_env(monkeypatch):
     assert launcher_env() == (3, 4, 3)  # torchrun wins over srun
 
 
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
 # In a fresh interpreter: whether freed tensors stay resident depends on the heap's history
 # (holes left by earlier tests get reused, a chunk freed at the heap top is trimmed by free()
 # itself), so in a worker that ran other tests first the premise below did not always hold.
@@ -77,12 +84,7 @@ print(start, before, after)
 
 @pytest.mark.skipif(platform._glibc() is None, reason="malloc_trim is glibc's")
 def test_release_host_memory_returns_freed_heap_tensors_to_the_os():
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, timeout=120
-    )
+    out = _python(_TRIM_PROBE)
     assert out.returncode == 0, out.stderr[-2000:]
     start, before, after = (int(x) for x in out.stdout.split())
     mib = 2**20
@@ -93,9 +95,6 @@ def test_release_host_memory_returns_freed_heap_tensors_to_the_os():
 
 def test_cpu_shims_suspended_pops_the_device_mode_and_restores_it():
     # In a subprocess: the shims are process-wide once installed (docs/architecture.md).
-    import subprocess
-    import sys
-
     code = (
         "import torch\n"
         "from torch.overrides import _get_current_function_mode as mode\n"
@@ -108,5 +107,5 @@ def test_cpu_shims_suspended_pops_the_device_mode_and_restores_it():
         "assert mode() is shim\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = _python(code)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
